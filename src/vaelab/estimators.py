@@ -1,0 +1,365 @@
+"""Estimators of the ELBO and of log p(x), each a pure function returning one value per example (``[B]``, nats).
+
+Everything here rests on one identity (docs/theory.md):
+
+    log p(x) = ELBO(q) + KL(q(z|x) || p(z|x)),   ELBO(q) = E_q[log p(x, z) - log q(z|x)].
+
+Internally every bound is a reduction of the same log-weight matrix ``log w[k, b] = log p(x_b, z_kb) - log r(z_kb)``
+(samples first, as torch's ``sample_shape + batch_shape``), with r = q(z|x) (importance sampling) or r = p(z) (naive
+Monte Carlo). Reductions happen in log space: ``logsumexp``, never ``log(mean(exp(.)))``.
+
+Inputs are validated once at entry (shape, finiteness, the likelihood's support, k >= 1); a bad input raises
+``ValueError`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.distributions import Distribution, kl_divergence
+
+from vaelab._math import log_mean_exp
+
+ElboForm = Literal["joint", "entropy", "kl"]
+Proposal = Literal["posterior", "prior"]
+ELBO_FORMS: tuple[str, ...] = ("joint", "entropy", "kl")
+PROPOSALS: tuple[str, ...] = ("posterior", "prior")
+
+# Elements of decoder output held at once when ``chunk_size=None`` (~64 MiB of float32 per tensor).
+_AUTO_CHUNK_ELEMENTS = 1 << 24
+
+
+# --- validation ----------------------------------------------------------------------------------------------------
+def _check_count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_data(model, x: torch.Tensor) -> torch.Tensor:
+    """Validate a batch ``x: [B, *model.data_shape]``: a finite floating tensor inside the likelihood's support."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    data_shape = tuple(model.data_shape)
+    if x.ndim != 1 + len(data_shape) or tuple(x.shape[1:]) != data_shape or x.shape[0] < 1:
+        raise ValueError(f"x must have shape [B, {', '.join(map(str, data_shape))}] with B >= 1, got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"x contains {bad} NaN or infinite value(s)")
+    support = model.data_support
+    if not bool(support.check(x).all()):
+        raise ValueError(
+            f"x has values outside the likelihood's support ({support}); "
+            f"observed range [{x.min().item():.4g}, {x.max().item():.4g}]"
+        )
+    return x
+
+
+def _posterior(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
+    q = model.encode(x) if q is None else q
+    batch, event = (x.shape[0],), (model.latent_dim,)
+    if tuple(q.batch_shape) != batch or tuple(q.event_shape) != event:
+        raise ValueError(
+            f"q must have batch shape {list(batch)} and event shape {list(event)}, "
+            f"got batch {list(q.batch_shape)} and event {list(q.event_shape)}"
+        )
+    return q
+
+
+def _draw(dist: Distribution, shape: tuple[int, ...]) -> torch.Tensor:
+    return dist.rsample(shape) if dist.has_rsample else dist.sample(shape)
+
+
+# --- analytic when registered, Monte Carlo otherwise ---------------------------------------------------------------
+def kl_term(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) per example: analytic if torch has it registered, else the Monte Carlo mean over ``z [K, B, d]``."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return (q.log_prob(z) - p.log_prob(z)).mean(0)
+
+
+def entropy_term(q: Distribution, z: torch.Tensor) -> torch.Tensor:
+    """H[q] per example: analytic if ``q.entropy`` exists, else ``-mean log q(z)`` over ``z [K, B, d]``."""
+    try:
+        return q.entropy()
+    except NotImplementedError:
+        return -q.log_prob(z).mean(0)
+
+
+# --- the ELBO ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ElboParts:
+    """The ELBO split as ``elbo = recon - kl`` (per example, nats, ``[B]``).
+
+    ``recon`` = E_q[log p(x|z)]; ``kl`` estimates KL(q(z|x) || p(z)) in the chosen form. A beta-weighted objective is
+    ``recon - beta * kl``; the ELBO itself is always the beta = 1 value.
+    """
+
+    recon: torch.Tensor
+    kl: torch.Tensor
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        return self.recon - self.kl
+
+
+def elbo_parts(model, x: torch.Tensor, *, k: int = 1, form: ElboForm = "joint", q: Distribution | None = None):
+    """The ELBO's reconstruction and KL terms from ``k`` reparameterized samples of q (see :class:`ElboParts`).
+
+    The three forms differ only in how KL(q || p(z)) is estimated, so all three have the same expectation:
+
+    * ``"joint"``:   E_q[log p(x,z) - log q]      -> kl = mean_k[log q(z) - log p(z)];
+    * ``"entropy"``: E_q[log p(x,z)] + H[q]       -> kl = -mean_k[log p(z)] - H[q]   (H analytic if available);
+    * ``"kl"``:      E_q[log p(x|z)] - KL(q||p)   -> kl = KL(q || p(z))               (analytic if registered).
+    """
+    check_data(model, x)
+    _check_count(k, "k")
+    _check_choice(form, "form", ELBO_FORMS)
+    q = _posterior(model, x, q)
+    prior = model.prior
+    z = q.rsample((k,))  # (K, B, d)
+    recon = model.decode(z).log_prob(x).mean(0)  # (B,)
+    if form == "joint":
+        kl = (q.log_prob(z) - prior.log_prob(z)).mean(0)
+    elif form == "entropy":
+        kl = -prior.log_prob(z).mean(0) - entropy_term(q, z)
+    else:
+        kl = kl_term(q, prior, z)
+    return ElboParts(recon=recon, kl=kl)
+
+
+def elbo(model, x: torch.Tensor, *, k: int = 1, form: ElboForm = "joint", q: Distribution | None = None):
+    """The evidence lower bound per example, ``[B]`` nats, averaged over ``k`` samples of q (see :func:`elbo_parts`)."""
+    return elbo_parts(model, x, k=k, form=form, q=q).elbo
+
+
+# --- log-weights and the bounds they give -----------------------------------------------------------------------------
+def _log_weights(model, x: torch.Tensor, proposal: Distribution | None, k: int) -> torch.Tensor:
+    """``log w [k, B]`` for already-validated inputs; ``proposal=None`` means the prior (naive Monte Carlo)."""
+    if proposal is None:
+        z = _draw(model.prior, (k, x.shape[0]))  # (K, B, d)
+        return model.decode(z).log_prob(x)  # log p(x|z): the prior terms cancel exactly
+    z = _draw(proposal, (k,))  # (K, B, d)
+    return model.decode(z).log_prob(x) + model.prior.log_prob(z) - proposal.log_prob(z)
+
+
+def log_weights(
+    model, x: torch.Tensor, *, k: int, proposal: Proposal = "posterior", q: Distribution | None = None
+) -> torch.Tensor:
+    """Importance log-weights ``log p(x, z_i) - log r(z_i)``, ``[k, B]``, with ``z_i ~ r``.
+
+    ``proposal="posterior"``: r = q(z|x) (``model.encode(x)`` unless ``q`` is given). ``proposal="prior"``: r = p(z),
+    so log w = log p(x|z).
+    """
+    check_data(model, x)
+    _check_count(k, "k")
+    _check_choice(proposal, "proposal", PROPOSALS)
+    r = _posterior(model, x, q) if proposal == "posterior" else None
+    return _log_weights(model, x, r, k)
+
+
+def iwae_bound(model, x: torch.Tensor, *, k: int, q: Distribution | None = None) -> torch.Tensor:
+    """The importance-weighted bound (Burda et al., 2016): log (1/k) sum_i p(x, z_i) / q(z_i|x), ``[B]`` nats.
+
+    IWAE_1 = ELBO <= IWAE_k <= IWAE_k' <= log p(x) for k <= k' (in expectation), and IWAE_k -> log p(x).
+    """
+    return log_mean_exp(log_weights(model, x, k=k, q=q), dim=0)
+
+
+# --- streamed log p(x) -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LogMarginal:
+    """An estimate of log p(x) per example (all fields ``[B]``; ``k`` is the number of samples).
+
+    Attributes:
+        value: log p-hat(x) = log (1/k) sum_i w_i, nats.
+        stderr: delta-method standard error of ``value``: sqrt((k / ess - 1) / (k - 1)); NaN when k = 1.
+        ess: effective sample size (sum w)^2 / sum w^2, between 1 and k.
+        pareto_k: PSIS k-hat of the weights' upper tail (Vehtari et al., 2024). Below 0.7 the estimate is reliable;
+            above, its variance may be infinite and ``stderr`` meaningless. -inf when the tail is flat (all largest
+            weights equal, e.g. the exact posterior as proposal); NaN when k is too small to fit (k < 25).
+    """
+
+    value: torch.Tensor
+    stderr: torch.Tensor
+    ess: torch.Tensor
+    pareto_k: torch.Tensor
+    k: int
+
+
+@dataclass(frozen=True)
+class PosteriorGap:
+    """log p-hat(x) - ELBO-hat, an estimate of KL(q(z|x) || p(z|x)) in nats (``[B]``), with its standard error."""
+
+    value: torch.Tensor
+    stderr: torch.Tensor
+
+
+class _WeightStats:
+    """Running sums over chunks of log-weights ``[c, B]``: everything later reported, in one pass, memory flat in k.
+
+    Weights are kept relative to a running max ``m`` (rescaled when it grows), log-weights relative to a shift
+    ``c0`` (the first chunk's mean) so their squares do not lose precision. Accumulates in float64.
+    """
+
+    def __init__(self, tail: int):
+        self.tail = tail  # how many of the largest log-weights to keep for the Pareto fit
+        self.n = 0
+
+    def update(self, lw: torch.Tensor) -> None:
+        lw = lw.detach().to(torch.float64)
+        if self.n == 0:
+            self.max = lw.max(0).values
+            self.shift = lw.mean(0)
+            zeros = torch.zeros_like(self.max)
+            self.s_w, self.s_ww, self.s_wl, self.s_l, self.s_ll = (zeros.clone() for _ in range(5))
+            self.top = lw[:0]
+        new_max = torch.maximum(self.max, lw.max(0).values)
+        rescale = torch.exp(self.max - new_max)
+        w = torch.exp(lw - new_max)
+        centered = lw - self.shift
+        self.s_w = self.s_w * rescale + w.sum(0)
+        self.s_ww = self.s_ww * rescale**2 + (w * w).sum(0)
+        self.s_wl = self.s_wl * rescale + (w * centered).sum(0)
+        self.s_l = self.s_l + centered.sum(0)
+        self.s_ll = self.s_ll + (centered * centered).sum(0)
+        self.max = new_max
+        if self.tail:
+            both = torch.cat([self.top, lw], 0)
+            self.top = both.topk(min(self.tail + 1, both.shape[0]), dim=0).values
+        self.n += lw.shape[0]
+
+    def log_marginal(self) -> LogMarginal:
+        n = self.n
+        value = self.max + torch.log(self.s_w) - math.log(n)
+        ess = self.s_w**2 / self.s_ww
+        if n > 1:
+            stderr = ((n / ess - 1).clamp_min(0) / (n - 1)).sqrt()
+        else:
+            stderr = torch.full_like(value, math.nan)
+        return LogMarginal(value=value, stderr=stderr, ess=ess, pareto_k=self._pareto_k(), k=n)
+
+    def posterior_gap(self) -> PosteriorGap:
+        """gap = log(mean w) - mean(log w); delta-method variance from the pair (w, log w) of the same samples."""
+        n = self.n
+        mean_w, mean_l = self.s_w / n, self.s_l / n
+        value = self.max + torch.log(mean_w) - (self.shift + mean_l)
+        if n == 1:
+            return PosteriorGap(value=value, stderr=torch.full_like(value, math.nan))
+        unbiased = n / (n - 1)
+        rel_var_w = (self.s_ww / n / mean_w**2 - 1) * unbiased  # Var(w) / E[w]^2
+        cov_wl = (self.s_wl / n / mean_w - mean_l) * unbiased  # Cov(w, log w) / E[w]
+        var_l = (self.s_ll / n - mean_l**2) * unbiased  # Var(log w)
+        stderr = ((rel_var_w - 2 * cov_wl + var_l).clamp_min(0) / n).sqrt()
+        return PosteriorGap(value=value, stderr=stderr)
+
+    def _pareto_k(self) -> torch.Tensor:
+        if not self.tail:
+            return torch.full_like(self.max, math.nan)
+        return pareto_khat(self.top)
+
+
+def _pareto_tail_size(k: int) -> int:
+    """PSIS tail length M = min(ceil(0.2 k), ceil(3 sqrt(k))); 0 (no fit) when M < 5, i.e. k < 25."""
+    m = min(math.ceil(0.2 * k), math.ceil(3 * math.sqrt(k)))
+    return m if m >= 5 else 0
+
+
+def pareto_khat(top_log_weights: torch.Tensor) -> torch.Tensor:
+    """Fit a generalized Pareto tail to the largest weights and return its shape k-hat, ``[B]``.
+
+    Args:
+        top_log_weights: ``[M + 1, B]``, each column the M + 1 largest log-weights of one example in descending
+            order; the last row is the threshold, the first M the tail.
+
+    Uses the empirical-Bayes estimator of Zhang & Stephens (2009) with the weakly informative prior on k-hat used
+    in PSIS (Vehtari et al., 2024): an average over a grid of candidate values, weighted by their profile likelihood.
+    """
+    lw = top_log_weights.to(torch.float64)
+    n = lw.shape[0] - 1  # tail length M
+    scaled = torch.exp(lw - lw[0])  # largest weight -> 1
+    x = (scaled[:n] - scaled[n]).flip(0)  # exceedances over the threshold, ascending: (M, B)
+    flat = x[-1] <= 0
+    x = torch.where(flat, torch.ones_like(x), x)  # placeholder values for flat columns, masked below
+    grid = 30 + int(math.sqrt(n))
+    j = torch.arange(1, grid + 1, dtype=x.dtype, device=x.device)
+    quartile = x[int(n / 4 + 0.5) - 1].clamp_min(torch.finfo(x.dtype).tiny)
+    theta = (1 - torch.sqrt(grid / (j - 0.5)))[:, None] / (3 * quartile) + 1 / x[-1]  # (grid, B)
+    shape_given_theta = torch.log1p(-theta[:, None, :] * x[None]).mean(1)  # (grid, B)
+    profile = n * (torch.log(-theta / shape_given_theta) - shape_given_theta - 1)  # (grid, B)
+    theta_hat = (torch.softmax(profile, dim=0) * theta).sum(0)  # (B,)
+    khat = torch.log1p(-theta_hat * x).mean(0)
+    khat = (n * khat + 10 * 0.5) / (n + 10)  # prior pulling k-hat towards 0.5 with weight of 10 observations
+    return torch.where(flat, torch.full_like(khat, -math.inf), khat)
+
+
+def _auto_chunk(model, batch: int, k: int) -> int:
+    per_sample = batch * max(math.prod(model.data_shape), model.latent_dim)
+    return max(1, min(k, _AUTO_CHUNK_ELEMENTS // max(per_sample, 1)))
+
+
+def _stream(model, x, *, k, proposal, chunk_size, q, tail) -> _WeightStats:
+    check_data(model, x)
+    _check_count(k, "k")
+    _check_choice(proposal, "proposal", PROPOSALS)
+    if chunk_size is None:
+        chunk_size = _auto_chunk(model, x.shape[0], k)
+    _check_count(chunk_size, "chunk_size")
+    stats = _WeightStats(tail=tail)
+    with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
+        r = _posterior(model, x, q) if proposal == "posterior" else None
+        done = 0
+        while done < k:
+            c = min(chunk_size, k - done)
+            stats.update(_log_weights(model, x, r, c))
+            done += c
+    return stats
+
+
+def log_marginal(
+    model,
+    x: torch.Tensor,
+    *,
+    k: int,
+    proposal: Proposal = "posterior",
+    chunk_size: int | None = None,
+    q: Distribution | None = None,
+) -> LogMarginal:
+    """Estimate log p(x) per example by importance sampling, streamed over ``k`` in chunks.
+
+    p(x) = E_r[p(x, z) / r(z)] for any r covering the posterior. ``proposal="posterior"`` uses r = q(z|x): the IWAE_k
+    estimate, a stochastic lower bound that converges to log p(x). ``proposal="prior"`` uses r = p(z): naive Monte
+    Carlo, unbiased for p(x) but with a variance that explodes when the posterior is narrow relative to the prior.
+
+    Memory is flat in k: chunks of ``chunk_size`` samples (auto-sized from the data size when ``None``) are folded
+    into running sums. Runs without gradients (use :func:`iwae_bound` for a differentiable bound).
+
+    Returns:
+        :class:`LogMarginal` with ``value``, ``stderr``, ``ess`` and ``pareto_k``, each ``[B]``.
+    """
+    return _stream(
+        model, x, k=k, proposal=proposal, chunk_size=chunk_size, q=q, tail=_pareto_tail_size(k)
+    ).log_marginal()
+
+
+def posterior_gap(
+    model, x: torch.Tensor, *, k: int, chunk_size: int | None = None, q: Distribution | None = None
+) -> PosteriorGap:
+    """Estimate KL(q(z|x) || p(z|x)) = log p(x) - ELBO(q) per example, from ``k`` samples of q.
+
+    Both terms come from the same samples: gap = log mean_i w_i - mean_i log w_i (>= 0 by Jensen). Because
+    log p-hat_k is itself biased low, E[gap] <= the true gap, the shortfall shrinking like O(1/k).
+    """
+    return _stream(model, x, k=k, proposal="posterior", chunk_size=chunk_size, q=q, tail=0).posterior_gap()

@@ -1,0 +1,110 @@
+"""Observation models p(x|z): turn a decoder's output into a normalized density over x.
+
+A likelihood is an ``nn.Module`` built for one data shape (e.g. ``(1, 28, 28)`` or ``(784,)``). Called on decoder
+outputs of shape ``[*batch, *data_shape]`` it returns a distribution with batch shape ``batch`` and event shape
+``data_shape``, so ``log_prob(x)`` is the log-density of a whole example in nats.
+
+Each likelihood states its ``support`` (a ``torch.distributions.constraints`` object); estimators check data against
+it once, at their entry, rather than on every ``log_prob`` in the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.distributions import (
+    Bernoulli,
+    ContinuousBernoulli,
+    Distribution,
+    Independent,
+    Normal,
+    constraints,
+)
+
+from vaelab._math import inverse_softplus, positive_scale
+
+
+class Likelihood(nn.Module):
+    """Base class: holds the data shape; subclasses implement ``forward(params) -> Distribution``."""
+
+    support: constraints.Constraint = constraints.real
+
+    def __init__(self, data_shape: Sequence[int]):
+        super().__init__()
+        self.data_shape = torch.Size(data_shape)
+        if len(self.data_shape) == 0 or any(n < 1 for n in self.data_shape):
+            raise ValueError(f"data_shape must be a non-empty shape of positive sizes, got {tuple(data_shape)}")
+
+    def _independent(self, base: Distribution) -> Distribution:
+        return Independent(base, len(self.data_shape), validate_args=False)
+
+
+class BernoulliLikelihood(Likelihood):
+    """p(x|z) = prod_i Bernoulli(x_i; sigmoid(logit_i)) for binary data. log_prob is BCE-with-logits (stable)."""
+
+    support = constraints.boolean
+
+    def forward(self, logits: torch.Tensor) -> Distribution:
+        return self._independent(Bernoulli(logits=logits, validate_args=False))
+
+
+class ContinuousBernoulliLikelihood(Likelihood):
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019): a normalized density on [0, 1] per pixel."""
+
+    support = constraints.unit_interval
+
+    def forward(self, logits: torch.Tensor) -> Distribution:
+        return self._independent(ContinuousBernoulli(logits=logits, validate_args=False))
+
+
+class GaussianLikelihood(Likelihood):
+    """p(x|z) = N(x; mean, scale^2 I) with a fixed ``scale`` (in data units)."""
+
+    def __init__(self, data_shape: Sequence[int], scale: float = 1.0):
+        super().__init__(data_shape)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, loc: torch.Tensor) -> Distribution:
+        return self._independent(Normal(loc, self.scale.to(loc.dtype), validate_args=False))
+
+
+class LearnedGaussianLikelihood(Likelihood):
+    """p(x|z) = N(x; mean, diag(sigma^2)), sigma learned: one per pixel, or one ``shared`` by all pixels.
+
+    sigma = softplus(raw) + ``min_scale``: the floor stops the density from collapsing onto training pixels
+    (an unbounded likelihood otherwise, e.g. on saturated pixels).
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        *,
+        shared: bool = False,
+        min_scale: float = 1e-3,
+        init_scale: float = 1.0,
+    ):
+        super().__init__(data_shape)
+        if not min_scale > 0 or not init_scale > min_scale:
+            raise ValueError(f"need 0 < min_scale < init_scale, got min_scale={min_scale}, init_scale={init_scale}")
+        self.min_scale = min_scale
+        shape = () if shared else tuple(self.data_shape)
+        self.raw_scale = nn.Parameter(inverse_softplus(torch.full(shape, init_scale - min_scale)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return positive_scale(self.raw_scale, self.min_scale)
+
+    def forward(self, loc: torch.Tensor) -> Distribution:
+        return self._independent(Normal(loc, self.scale.to(loc.dtype), validate_args=False))
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "bernoulli": BernoulliLikelihood,
+    "continuous-bernoulli": ContinuousBernoulliLikelihood,
+    "gaussian": GaussianLikelihood,
+    "gaussian-learned": LearnedGaussianLikelihood,
+}

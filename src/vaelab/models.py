@@ -1,0 +1,207 @@
+"""Latent-variable models p(x, z) = p(z) p(x|z) behind one interface.
+
+Every model exposes
+
+* ``model.prior`` -> Distribution over z: batch ``[]``, event ``[d]``;
+* ``model.encode(x)`` -> q(z|x) for ``x: [B, *data_shape]``: batch ``[B]``, event ``[d]``, with ``rsample``;
+* ``model.decode(z)`` -> p(x|z) for ``z: [*S, d]``: batch ``S``, event ``data_shape`` (so ``z: [K, B, d]`` works);
+* ``model.data_shape`` (``torch.Size``), ``model.latent_dim`` (int) and ``model.data_support`` (a constraint).
+
+The estimators in :mod:`vaelab.estimators` need nothing else. :class:`LinearGaussian` adds exact ``log p(x)`` and the
+exact posterior, so every estimator can be checked against the truth.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import (
+    Distribution,
+    Independent,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+    constraints,
+)
+
+from vaelab.likelihoods import Likelihood
+from vaelab.posteriors import DiagonalGaussian
+
+
+class VAE(nn.Module):
+    """A deep latent-variable model with an amortized encoder.
+
+    Args:
+        prior: module returning p(z) (see :mod:`vaelab.priors`); its ``latent_dim`` fixes d.
+        encoder: network ``x [B, *data_shape] -> [B, 2d]`` (parameters of q before the posterior head).
+        decoder: network ``z [N, d] -> [N, *data_shape]`` (or ``[N, prod(data_shape)]``) of likelihood parameters.
+        likelihood: module turning decoder outputs into p(x|z) (see :mod:`vaelab.likelihoods`).
+        posterior: head turning encoder outputs into q(z|x); default :class:`~vaelab.posteriors.DiagonalGaussian`.
+    """
+
+    def __init__(
+        self,
+        *,
+        prior: nn.Module,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: Likelihood,
+        posterior: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.prior_module = prior
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.posterior = posterior if posterior is not None else DiagonalGaussian()
+        self.latent_dim = int(prior.latent_dim)
+        self.data_shape = likelihood.data_shape
+        self.data_support = likelihood.support
+
+    @property
+    def prior(self) -> Distribution:
+        return self.prior_module()
+
+    def encode(self, x: torch.Tensor) -> Distribution:
+        return self.posterior(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        lead = z.shape[:-1]
+        params = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, ...) with N = prod(lead)
+        return self.likelihood(params.reshape(*lead, *self.data_shape))
+
+
+class LinearGaussian(nn.Module):
+    """p(z) = N(0, I_d), p(x|z) = N(W z + b, Psi): probabilistic PCA (Psi = sigma^2 I) or factor analysis (diagonal).
+
+    Everything is closed form (Tipping & Bishop, 1999):
+
+    * marginal p(x) = N(b, W W^T + Psi) -- :meth:`log_marginal_exact`;
+    * posterior p(z|x) = N(S W^T Psi^-1 (x - b), S) with S = (I + W^T Psi^-1 W)^-1 -- :meth:`posterior`.
+
+    ``encode`` returns the exact posterior, so with this model the ELBO is tight; pass ``q=`` to the estimators to
+    study any other q.
+
+    Args:
+        weight: ``W``, ``[D, d]``.
+        bias: ``b``, ``[D]``.
+        noise_var: ``Psi``'s diagonal: a scalar (pPCA) or ``[D]`` (factor analysis); all > 0.
+    """
+
+    data_support = constraints.real
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, noise_var: torch.Tensor | float):
+        super().__init__()
+        weight = torch.as_tensor(weight)
+        if weight.ndim != 2:
+            raise ValueError(f"weight must be [D, d], got shape {tuple(weight.shape)}")
+        data_dim, latent_dim = weight.shape
+        bias = torch.as_tensor(bias, dtype=weight.dtype)
+        if bias.shape != (data_dim,):
+            raise ValueError(f"bias must be [D] = [{data_dim}], got shape {tuple(bias.shape)}")
+        noise_var = torch.as_tensor(noise_var, dtype=weight.dtype)
+        if noise_var.shape not in ((), (data_dim,)):
+            raise ValueError(f"noise_var must be a scalar or [D] = [{data_dim}], got shape {tuple(noise_var.shape)}")
+        if not bool((noise_var > 0).all()):
+            raise ValueError("noise_var must be > 0")
+        self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(bias.clone())
+        self.noise_var = nn.Parameter(noise_var.clone())
+        self.latent_dim = int(latent_dim)
+        self.data_shape = torch.Size([data_dim])
+
+    # --- the model interface -------------------------------------------------------------------------------------
+    @property
+    def prior(self) -> Distribution:
+        zeros = self.weight.new_zeros(self.latent_dim)
+        return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        loc = z @ self.weight.T + self.bias  # (*S, D)
+        scale = self._noise_diag().sqrt().expand_as(loc)
+        return Independent(Normal(loc, scale, validate_args=False), 1)
+
+    def encode(self, x: torch.Tensor) -> Distribution:
+        return self.posterior(x)
+
+    # --- closed forms ----------------------------------------------------------------------------------------------
+    def _noise_diag(self) -> torch.Tensor:
+        return self.noise_var.expand(self.data_shape[0])
+
+    def posterior(self, x: torch.Tensor) -> MultivariateNormal:
+        """The exact p(z|x): batch ``[B]``, event ``[d]``."""
+        w_over_psi = self.weight / self._noise_diag()[:, None]  # Psi^-1 W, (D, d)
+        precision = torch.eye(self.latent_dim, dtype=self.weight.dtype, device=self.weight.device)
+        precision = precision + self.weight.T @ w_over_psi  # (d, d)
+        chol = torch.linalg.cholesky(precision)
+        rhs = (x - self.bias) @ w_over_psi  # (B, d): W^T Psi^-1 (x - b)
+        loc = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+        return MultivariateNormal(loc, precision_matrix=precision.expand(*loc.shape[:-1], -1, -1))
+
+    def marginal(self) -> LowRankMultivariateNormal:
+        """The exact p(x) = N(b, W W^T + Psi) (event ``[D]``)."""
+        return LowRankMultivariateNormal(self.bias, self.weight, self._noise_diag())
+
+    def log_marginal_exact(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x) in nats, ``[B]``."""
+        return self.marginal().log_prob(x)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of x from the model, ``[n, D]``."""
+        z = torch.randn(n, self.latent_dim, generator=generator, dtype=self.weight.dtype, device=self.weight.device)
+        eps = torch.randn(n, self.data_shape[0], generator=generator, dtype=z.dtype, device=z.device)
+        return z @ self.weight.T + self.bias + eps * self._noise_diag().sqrt()
+
+    # --- constructors ------------------------------------------------------------------------------------------------
+    @classmethod
+    def random(
+        cls,
+        data_dim: int,
+        latent_dim: int,
+        *,
+        noise: str = "isotropic",
+        noise_scale: float = 0.5,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> LinearGaussian:
+        """A random model for tests and checks: W, b ~ N(0, 1); Psi = noise_scale^2 (times U(0.5, 1.5) if diagonal)."""
+        weight = torch.randn(data_dim, latent_dim, generator=generator, dtype=dtype)
+        bias = torch.randn(data_dim, generator=generator, dtype=dtype)
+        if noise == "isotropic":
+            noise_var = torch.tensor(noise_scale**2, dtype=dtype)
+        elif noise == "diagonal":
+            noise_var = noise_scale**2 * (0.5 + torch.rand(data_dim, generator=generator, dtype=dtype))
+        else:
+            raise ValueError(f"noise must be 'isotropic' or 'diagonal', got {noise!r}")
+        return cls(weight, bias, noise_var)
+
+    @classmethod
+    def fit_ppca(cls, x: torch.Tensor, latent_dim: int) -> LinearGaussian:
+        """Maximum-likelihood probabilistic PCA, in closed form (Tipping & Bishop, 1999, eqs. 7-8).
+
+        With the sample covariance's eigenvalues l_1 >= ... >= l_D and eigenvectors U:
+        b = mean(x), sigma^2 = mean(l_{d+1..D}), W = U_d (L_d - sigma^2 I)^{1/2} (up to a rotation).
+
+        Args:
+            x: ``[N, D]`` data, N >= 2, D > latent_dim.
+        """
+        if x.ndim != 2:
+            raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
+        n, data_dim = x.shape
+        if not 1 <= latent_dim < data_dim:
+            raise ValueError(f"need 1 <= latent_dim < D = {data_dim}, got latent_dim={latent_dim}")
+        if n < 2:
+            raise ValueError(f"need at least 2 examples to fit, got {n}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
+        mean = x.mean(0)
+        centered = x - mean
+        cov = centered.T @ centered / n  # the ML (biased) covariance
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        noise_var = evals[latent_dim:].mean()
+        floor = torch.finfo(x.dtype).eps * evals[0].abs().clamp_min(1.0)
+        noise_var = noise_var.clamp_min(floor)
+        weight = evecs[:, :latent_dim] * (evals[:latent_dim] - noise_var).clamp_min(0).sqrt()
+        return cls(weight, mean, noise_var)
+

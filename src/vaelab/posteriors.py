@@ -1,0 +1,54 @@
+"""Approximate posteriors q(z|x) and the KL pairs torch.distributions does not register.
+
+An encoder network maps x to unconstrained parameters; :class:`DiagonalGaussian` turns those into
+``Independent(Normal(loc, scale), 1)`` (batch ``[B]``, event ``[d]``), which samples with ``rsample``
+(the reparameterization z = loc + scale * eps).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence, register_kl
+
+from vaelab._math import positive_scale
+
+
+class DiagonalGaussian(nn.Module):
+    """Head mapping encoder outputs ``[B, 2d]`` (loc, raw scale) to q(z|x) = N(loc, diag(scale^2)).
+
+    scale = softplus(raw) + ``min_scale``.
+    """
+
+    def __init__(self, min_scale: float = 1e-4):
+        super().__init__()
+        self.min_scale = min_scale
+
+    def forward(self, params: torch.Tensor) -> Distribution:
+        if params.shape[-1] % 2:
+            raise ValueError(f"encoder output needs an even last dimension (loc, scale), got shape {tuple(params.shape)}")
+        loc, raw_scale = params.chunk(2, dim=-1)
+        return Independent(Normal(loc, positive_scale(raw_scale, self.min_scale), validate_args=False), 1)
+
+
+def as_multivariate_normal(dist: Distribution) -> MultivariateNormal:
+    """A diagonal Gaussian ``Independent(Normal, 1)`` as the equivalent full-covariance ``MultivariateNormal``."""
+    if isinstance(dist, MultivariateNormal):
+        return dist
+    if isinstance(dist, Independent) and isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1:
+        base = dist.base_dist
+        return MultivariateNormal(base.loc, scale_tril=torch.diag_embed(base.scale))
+    raise NotImplementedError(f"cannot view {type(dist).__name__} as a MultivariateNormal")
+
+
+@register_kl(Independent, MultivariateNormal)
+def _kl_diagonal_full(p: Independent, q: MultivariateNormal) -> torch.Tensor:
+    return kl_divergence(as_multivariate_normal(p), q)
+
+
+@register_kl(MultivariateNormal, Independent)
+def _kl_full_diagonal(p: MultivariateNormal, q: Independent) -> torch.Tensor:
+    return kl_divergence(p, as_multivariate_normal(q))
+
+
+POSTERIORS: dict[str, type[nn.Module]] = {"diagonal-gaussian": DiagonalGaussian}
