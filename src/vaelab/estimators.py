@@ -28,6 +28,8 @@ Proposal = Literal["posterior", "prior"]
 ELBO_FORMS: tuple[str, ...] = ("joint", "entropy", "kl")
 PROPOSALS: tuple[str, ...] = ("posterior", "prior")
 
+# Largest weights that agree to this relative precision in log space count as a flat (bounded) tail: k-hat = -inf.
+_FLAT_TAIL = 1e-6
 # Elements of decoder output held at once when ``chunk_size=None`` (~64 MiB of float32 per tensor).
 _AUTO_CHUNK_ELEMENTS = 1 << 24
 
@@ -188,8 +190,8 @@ class LogMarginal:
         stderr: delta-method standard error of ``value``: sqrt((k / ess - 1) / (k - 1)); NaN when k = 1.
         ess: effective sample size (sum w)^2 / sum w^2, between 1 and k.
         pareto_k: PSIS k-hat of the weights' upper tail (Vehtari et al., 2024). Below 0.7 the estimate is reliable;
-            above, its variance may be infinite and ``stderr`` meaningless. -inf when the tail is flat (all largest
-            weights equal, e.g. the exact posterior as proposal); NaN when k is too small to fit (k < 25).
+            above, its variance may be infinite and ``stderr`` meaningless. -inf when the tail is flat (the largest
+            log-weights agree to 1e-6 relative, e.g. the exact posterior as proposal); NaN when k < 25 (too few to fit).
     """
 
     value: torch.Tensor
@@ -291,7 +293,8 @@ def pareto_khat(top_log_weights: torch.Tensor) -> torch.Tensor:
     n = lw.shape[0] - 1  # tail length M
     scaled = torch.exp(lw - lw[0])  # largest weight -> 1
     x = (scaled[:n] - scaled[n]).flip(0)  # exceedances over the threshold, ascending: (M, B)
-    flat = x[-1] <= 0
+    # A tail within rounding of flat (e.g. the exact posterior as proposal) has no shape to fit.
+    flat = (lw[0] - lw[n]) <= _FLAT_TAIL * lw[0].abs().clamp_min(1.0)
     x = torch.where(flat, torch.ones_like(x), x)  # placeholder values for flat columns, masked below
     grid = 30 + int(math.sqrt(n))
     j = torch.arange(1, grid + 1, dtype=x.dtype, device=x.device)

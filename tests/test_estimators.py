@@ -1,0 +1,341 @@
+"""Every estimator against exact values on the linear-Gaussian model (float64, fixed seeds).
+
+Tolerances follow the one rule in :mod:`vaelab.tolerance`: |estimate - exact| <= Z * stderr (+ rounding slack),
+with stderr computed from the same samples. Monte Carlo expectations are taken over R independent replicates,
+obtained by repeating each example R times in the batch (one call, independent samples per row).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+import vaelab
+from vaelab import LinearGaussian
+from vaelab.estimators import _WeightStats, pareto_khat
+from vaelab.models import VAE
+from vaelab.likelihoods import BernoulliLikelihood
+from vaelab.priors import StandardNormal
+from vaelab.tolerance import Z_TOLERANCE, assert_within_stderr
+
+DTYPE = torch.float64
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------------------
+def make_model(data_dim=6, latent_dim=2, noise="isotropic", noise_scale=0.7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = LinearGaussian.random(data_dim, latent_dim, noise=noise, noise_scale=noise_scale, generator=g)
+    x = model.sample(3, generator=g)
+    return model, x
+
+
+def diagonal_q(model, x, *, shift=0.0, scale_factor=1.0):
+    """Mean-field q built from the exact posterior: its marginal means (+ shift) and stds (* scale_factor)."""
+    post = model.posterior(x)
+    loc = post.loc.detach() + shift
+    scale = post.covariance_matrix.detach().diagonal(dim1=-2, dim2=-1).sqrt() * scale_factor
+    return Independent(Normal(loc, scale), 1)
+
+
+def replicate(x, q, reps):
+    """x and q repeated ``reps`` times along the batch: row r * B + b is example b."""
+    base = q.base_dist
+    q_rep = Independent(Normal(base.loc.repeat(reps, 1), base.scale.repeat(reps, 1)), 1)
+    return x.repeat(reps, 1), q_rep
+
+
+def mean_and_stderr(values, reps):
+    values = values.detach().reshape(reps, -1)  # (R, B)
+    return values.mean(0), values.std(0) / math.sqrt(reps)
+
+
+def exact_elbo(model, x, q):
+    """ELBO(q) = log p(x) - KL(q || p(z|x)), exactly."""
+    return (model.log_marginal_exact(x) - kl_divergence(q, model.posterior(x))).detach()
+
+
+QS = {
+    "near": dict(shift=0.1, scale_factor=1.2),
+    "far": dict(shift=1.0, scale_factor=0.6),
+}
+
+
+# --- the ELBO ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("noise", ["isotropic", "diagonal"])
+@pytest.mark.parametrize("which", sorted(QS))
+@pytest.mark.parametrize("form", vaelab.estimators.ELBO_FORMS)
+def test_each_elbo_form_matches_exact_elbo(noise, which, form):
+    torch.manual_seed(1)
+    model, x = make_model(noise=noise)
+    q = diagonal_q(model, x, **QS[which])
+    reps = 4000
+    x_rep, q_rep = replicate(x, q, reps)
+    mean, se = mean_and_stderr(vaelab.elbo(model, x_rep, k=1, form=form, q=q_rep), reps)
+    assert_within_stderr(mean, exact_elbo(model, x, q), se, what=f"{form} ELBO")
+
+
+def test_joint_and_kl_forms_agree_with_each_other():
+    torch.manual_seed(2)
+    model, x = make_model()
+    q = diagonal_q(model, x, **QS["far"])
+    reps = 4000
+    x_rep, q_rep = replicate(x, q, reps)
+    stats = {f: mean_and_stderr(vaelab.elbo(model, x_rep, k=1, form=f, q=q_rep), reps) for f in ("joint", "kl")}
+    (m_joint, se_joint), (m_kl, se_kl) = stats["joint"], stats["kl"]
+    assert_within_stderr(m_joint - m_kl, torch.zeros_like(m_kl), (se_joint**2 + se_kl**2).sqrt())
+
+
+def test_elbo_parts_recon_minus_kl():
+    torch.manual_seed(3)
+    model, x = make_model()
+    q = diagonal_q(model, x, **QS["near"])
+    parts = vaelab.elbo_parts(model, x, k=5, form="kl", q=q)
+    torch.testing.assert_close(parts.kl, kl_divergence(q, model.prior))
+    torch.manual_seed(4)
+    value = vaelab.elbo(model, x, k=5, form="kl", q=q)
+    torch.manual_seed(4)
+    assert torch.equal(value, vaelab.elbo_parts(model, x, k=5, form="kl", q=q).elbo)
+
+
+def test_exact_posterior_gives_tight_elbo_and_zero_variance_weights():
+    torch.manual_seed(5)
+    model, x = make_model(noise="diagonal")
+    log_px = model.log_marginal_exact(x).detach()
+    # encode() is the exact (full-covariance) posterior on this model
+    torch.testing.assert_close(vaelab.elbo(model, x, k=3).detach(), log_px, rtol=0, atol=1e-10)
+    lw = vaelab.log_weights(model, x, k=200).detach()
+    assert float(lw.std(0).max()) < 1e-12
+    result = vaelab.log_marginal(model, x, k=200)
+    torch.testing.assert_close(result.value, log_px, rtol=0, atol=1e-10)
+    assert float(result.stderr.max()) < 1e-6  # sqrt of rounding: the weights are equal
+    torch.testing.assert_close(result.ess, torch.full_like(result.ess, 200.0))
+    assert bool((result.pareto_k == -math.inf).all())
+    gap = vaelab.posterior_gap(model, x, k=200)
+    torch.testing.assert_close(gap.value, torch.zeros_like(gap.value), rtol=0, atol=1e-10)
+
+
+# --- IWAE bounds ------------------------------------------------------------------------------------------------------
+def test_iwae_bounds_increase_with_k_and_stay_below_log_px():
+    torch.manual_seed(6)
+    model, x = make_model()
+    q = diagonal_q(model, x, **QS["far"])
+    log_px = model.log_marginal_exact(x).detach()
+    reps = 400
+    x_rep, q_rep = replicate(x, q, reps)
+    means, ses = [], []
+    for k in (1, 10, 100, 1000):
+        m, se = mean_and_stderr(vaelab.iwae_bound(model, x_rep, k=k, q=q_rep), reps)
+        means.append(m)
+        ses.append(se)
+    elbo_mean, elbo_se = mean_and_stderr(vaelab.elbo(model, x_rep, k=1, q=q_rep), reps)
+    assert_within_stderr(means[0], elbo_mean, (ses[0] ** 2 + elbo_se**2).sqrt(), what="IWAE_1 vs ELBO")
+    for (m_lo, se_lo), (m_hi, se_hi) in zip(zip(means, ses), zip(means[1:], ses[1:]), strict=False):
+        # IWAE_k' >= IWAE_k: the difference may be negative only by noise
+        assert bool((m_hi - m_lo > -Z_TOLERANCE * (se_lo**2 + se_hi**2).sqrt()).all())
+    assert bool((means[-1] - means[0] > 10 * ses[0]).all())  # the bound does tighten, clearly
+    for m, se in zip(means, ses, strict=True):
+        assert bool((m < log_px + Z_TOLERANCE * se).all())  # a lower bound in expectation
+    # and it converges: with a q that covers the posterior, IWAE_k at large k matches log p(x)
+    q_wide = diagonal_q(model, x, shift=0.1, scale_factor=1.5)
+    result = vaelab.log_marginal(model, x, k=20000, q=q_wide)
+    assert_within_stderr(result.value, log_px, result.stderr, what="IWAE_20000")
+
+
+# --- log p(x): importance sampling vs naive Monte Carlo -------------------------------------------------------------
+def test_importance_sampling_estimate_matches_log_px():
+    torch.manual_seed(7)
+    model, x = make_model(noise="diagonal")
+    q = diagonal_q(model, x, **QS["near"])
+    result = vaelab.log_marginal(model, x, k=5000, q=q)
+    assert_within_stderr(result.value, model.log_marginal_exact(x).detach(), result.stderr, what="IS log p(x)")
+    assert bool((result.ess > 100).all()) and bool((result.ess <= 5000).all())
+    assert bool((result.pareto_k < 0.7).all())
+
+
+def test_naive_prior_estimator_is_unbiased_for_px_not_log_px_and_far_noisier_than_is():
+    torch.manual_seed(8)
+    # small and noisy, so p(x) is not astronomically small and exp() of the estimates is usable
+    model, x = make_model(data_dim=3, latent_dim=1, noise_scale=1.0, seed=3)
+    log_px = model.log_marginal_exact(x).detach()
+    reps, k = 20000, 10
+    x_rep = x.repeat(reps, 1)
+    naive = vaelab.log_marginal(model, x_rep, k=k, proposal="prior").value.reshape(reps, -1)
+    # unbiased for p(x): mean of p-hat / p(x) is 1
+    ratio = torch.exp(naive - log_px)
+    assert_within_stderr(ratio.mean(0), torch.ones(3, dtype=DTYPE), ratio.std(0) / math.sqrt(reps), what="E[p-hat]")
+    # biased for log p(x): Jensen puts E[log p-hat] below log p(x)
+    mean_log, se_log = naive.mean(0), naive.std(0) / math.sqrt(reps)
+    assert bool((mean_log + Z_TOLERANCE * se_log < log_px).all())
+    # at equal k, importance sampling with a mean-field q is far less variable
+    q = diagonal_q(model, x)
+    _, q_rep = replicate(x, q, reps)
+    informed = vaelab.log_marginal(model, x_rep, k=k, q=q_rep).value.reshape(reps, -1)
+    assert bool((naive.std(0) > 5 * informed.std(0)).all())
+
+
+def test_naive_estimator_fails_when_posterior_is_narrow():
+    torch.manual_seed(9)
+    model, x = make_model(data_dim=20, latent_dim=5, noise_scale=0.1)
+    log_px = model.log_marginal_exact(x).detach()
+    naive = vaelab.log_marginal(model, x, k=10000, proposal="prior")
+    informed = vaelab.log_marginal(model, x, k=100, q=diagonal_q(model, x, scale_factor=1.2))
+    assert bool((naive.value < log_px - 5).all())  # orders of magnitude short of p(x)
+    assert bool((naive.ess < 5).all())  # one or two samples carry all the weight
+    assert bool((naive.pareto_k > 0.7).all())  # and the diagnostic says so
+    assert bool(((informed.value - log_px).abs() < 0.1).all())
+
+
+# --- the posterior gap ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", sorted(QS))
+def test_posterior_gap_matches_exact_kl_to_true_posterior(which):
+    torch.manual_seed(10)
+    model, x = make_model()
+    q = diagonal_q(model, x, **QS[which]) if which == "near" else diagonal_q(model, x, shift=0.3, scale_factor=1.3)
+    gap = vaelab.posterior_gap(model, x, k=50000, q=q)
+    exact = kl_divergence(q, model.posterior(x)).detach()
+    assert_within_stderr(gap.value, exact, gap.stderr, what="posterior gap")
+    assert bool((gap.stderr < 0.2 * exact).all())  # informative, not vacuous
+
+
+# --- streaming ----------------------------------------------------------------------------------------------------
+class BankNormal(Independent):
+    """A diagonal Gaussian whose rsample reads noise sequentially from a fixed bank: chunked and unchunked callers
+    see the very same samples, whatever the RNG's blocking."""
+
+    def __init__(self, loc, scale, bank):
+        super().__init__(Normal(loc, scale), 1)
+        self.bank, self.used = bank, 0
+
+    def rsample(self, sample_shape=torch.Size()):
+        n = sample_shape[0]
+        eps = self.bank[self.used : self.used + n]
+        self.used += n
+        return self.base_dist.loc + self.base_dist.scale * eps
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_chunked_and_unchunked_log_marginal_agree(chunk_size):
+    model, x = make_model()
+    q = diagonal_q(model, x, **QS["far"])
+    k = 1000
+    bank = torch.randn(k, *q.batch_shape, model.latent_dim, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+
+    def run(chunk):
+        r = BankNormal(q.base_dist.loc, q.base_dist.scale, bank)
+        return vaelab.log_marginal(model, x, k=k, q=r, chunk_size=chunk), vaelab.posterior_gap(
+            model, x, k=k, q=BankNormal(q.base_dist.loc, q.base_dist.scale, bank), chunk_size=chunk
+        )
+
+    (whole, gap_whole), (chunked, gap_chunked) = run(k), run(chunk_size)
+    for field in ("value", "stderr", "ess", "pareto_k"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(whole, field), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gap_chunked.value, gap_whole.value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gap_chunked.stderr, gap_whole.stderr, rtol=1e-12, atol=1e-12)
+    # and the streamed reductions equal the direct ones on the full log-weight matrix
+    lw = model.decode(q.base_dist.loc + q.base_dist.scale * bank).log_prob(x) + model.prior.log_prob(
+        q.base_dist.loc + q.base_dist.scale * bank
+    ) - q.log_prob(q.base_dist.loc + q.base_dist.scale * bank)
+    lw = lw.detach()
+    torch.testing.assert_close(whole.value, torch.logsumexp(lw, 0) - math.log(k))
+    w = torch.softmax(lw, 0)
+    torch.testing.assert_close(whole.ess, 1 / (w**2).sum(0))
+    torch.testing.assert_close(gap_whole.value, whole.value - lw.mean(0))
+
+
+def test_weight_stats_stderr_matches_delta_method_on_known_weights():
+    lw = torch.randn(5000, 4, generator=torch.Generator().manual_seed(1), dtype=DTYPE) * 0.5
+    stats = _WeightStats(tail=0)
+    for chunk in lw.split(333):
+        stats.update(chunk)
+    result = stats.log_marginal()
+    w = lw.exp()
+    expected = w.std(0) / w.mean(0) / math.sqrt(lw.shape[0])  # delta method: se(log m) = se(m) / m
+    torch.testing.assert_close(result.stderr, expected, rtol=1e-10, atol=0)
+
+
+# --- Pareto k-hat -------------------------------------------------------------------------------------------------
+# Reference values from a peer implementation (arviz 0.23.4, psislw) on the same log-weights.
+ARVIZ_KHAT = [(0, 1.0, 4000, 0.10534296715942716), (1, 2.0, 4000, 0.7887656673942536),
+              (2, 4.0, 1000, 2.017761257242798), (3, 0.5, 100, 0.40458297238351204)]
+
+
+@pytest.mark.parametrize(("seed", "scale", "n", "expected"), ARVIZ_KHAT)
+def test_pareto_khat_matches_reference_implementation(seed, scale, n, expected):
+    np = pytest.importorskip("numpy")
+    lw = torch.from_numpy(np.random.default_rng(seed).normal(scale=scale, size=n))
+    m = vaelab.estimators._pareto_tail_size(n)
+    khat = pareto_khat(lw.topk(m + 1).values[:, None])
+    assert khat.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_pareto_khat_is_nan_for_too_few_samples():
+    model, x = make_model()
+    result = vaelab.log_marginal(model, x, k=20, q=diagonal_q(model, x))
+    assert bool(result.pareto_k.isnan().all())
+
+
+# --- numerics and input validation -------------------------------------------------------------------------------
+def test_huge_logits_and_tiny_variances_stay_finite():
+    torch.manual_seed(11)
+    decoder = torch.nn.Linear(2, 6)
+    with torch.no_grad():
+        decoder.weight.fill_(1e4)
+        decoder.bias.fill_(-1e4)
+    vae = VAE(prior=StandardNormal(2), encoder=torch.nn.Linear(6, 4), decoder=decoder,
+              likelihood=BernoulliLikelihood((6,)))
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    for value in (vaelab.elbo(vae, x, k=4), vaelab.iwae_bound(vae, x, k=4), vaelab.log_marginal(vae, x, k=50).value,
+                  vaelab.log_marginal(vae, x, k=50, proposal="prior").value):
+        assert bool(torch.isfinite(value).all())
+    model, x = make_model(noise_scale=1e-6)
+    for value in (model.log_marginal_exact(x), vaelab.elbo(model, x, k=4, form="kl"),
+                  vaelab.log_marginal(model, x, k=100).value, vaelab.log_marginal(model, x, k=100, proposal="prior").value):
+        assert bool(torch.isfinite(value).all())
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, x: vaelab.elbo(m, x[:, :3]), r"shape \[B, 6\]"),
+        (lambda m, x: vaelab.elbo(m, x[0]), r"shape \[B, 6\]"),
+        (lambda m, x: vaelab.elbo(m, x.masked_fill(torch.eye(3, 6, dtype=torch.bool), math.nan)), "NaN"),
+        (lambda m, x: vaelab.elbo(m, x.to(torch.int64)), "floating"),
+        (lambda m, x: vaelab.elbo(m, x.tolist()), "torch.Tensor"),
+        (lambda m, x: vaelab.elbo(m, x, k=0), "k must be an integer >= 1"),
+        (lambda m, x: vaelab.iwae_bound(m, x, k=True), "k must be an integer >= 1"),
+        (lambda m, x: vaelab.log_marginal(m, x, k=2.5), "k must be an integer >= 1"),
+        (lambda m, x: vaelab.log_marginal(m, x, k=10, chunk_size=0), "chunk_size"),
+        (lambda m, x: vaelab.elbo(m, x, form="mean"), "form must be one of"),
+        (lambda m, x: vaelab.log_marginal(m, x, k=10, proposal="uniform"), "proposal must be one of"),
+        (lambda m, x: vaelab.posterior_gap(m, x, k=10, q=diagonal_q(m, x[:2])), "q must have batch shape"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_problem(call, message):
+    model, x = make_model()
+    with pytest.raises(ValueError, match=message):
+        call(model, x)
+
+
+def test_data_outside_bernoulli_support_is_rejected():
+    vae = VAE(prior=StandardNormal(2), encoder=torch.nn.Linear(6, 4), decoder=torch.nn.Linear(2, 6),
+              likelihood=BernoulliLikelihood((6,)))
+    with pytest.raises(ValueError, match="outside the likelihood's support"):
+        vaelab.log_marginal(vae, torch.full((2, 6), 0.5), k=10)
+
+
+@pytest.mark.parametrize("quantity", ["log_marginal", "posterior_gap"])
+def test_reported_stderr_matches_spread_over_replicates(quantity):
+    """The delta-method standard error of one estimate equals the spread of independent estimates."""
+    torch.manual_seed(12)
+    model, x = make_model()
+    q = diagonal_q(model, x, shift=0.1, scale_factor=1.3)
+    reps = 3000
+    x_rep, q_rep = replicate(x, q, reps)
+    result = getattr(vaelab, quantity)(model, x_rep, k=200, q=q_rep)
+    spread = result.value.reshape(reps, -1).std(0)
+    reported = result.stderr.reshape(reps, -1).mean(0)
+    # the sample std of 3000 replicates is itself known to ~1.3% (more with heavier tails): allow 10%
+    torch.testing.assert_close(reported, spread, rtol=0.1, atol=0)
