@@ -11,8 +11,12 @@ from vaelab.check import MODELS, _verdict
 
 def test_vaelab_check_passes_and_writes_json(tmp_path):
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, "-m", "vaelab", "check", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaelab", "check", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "check passed" in proc.stdout
     report = json.loads(out.read_text())

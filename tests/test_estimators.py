@@ -7,6 +7,7 @@ obtained by repeating each example R times in the batch (one call, independent s
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,8 +17,8 @@ from torch.distributions import Independent, Normal, kl_divergence
 import vaelab
 from vaelab import LinearGaussian
 from vaelab.estimators import _WeightStats, pareto_khat
-from vaelab.models import VAE
 from vaelab.likelihoods import BernoulliLikelihood
+from vaelab.models import VAE
 from vaelab.priors import StandardNormal
 from vaelab.tolerance import Z_TOLERANCE, assert_within_stderr
 
@@ -132,7 +133,7 @@ def test_iwae_bounds_increase_with_k_and_stay_below_log_px():
         ses.append(se)
     elbo_mean, elbo_se = mean_and_stderr(vaelab.elbo(model, x_rep, k=1, q=q_rep), reps)
     assert_within_stderr(means[0], elbo_mean, (ses[0] ** 2 + elbo_se**2).sqrt(), what="IWAE_1 vs ELBO")
-    for (m_lo, se_lo), (m_hi, se_hi) in zip(zip(means, ses), zip(means[1:], ses[1:]), strict=False):
+    for (m_lo, se_lo), (m_hi, se_hi) in itertools.pairwise(zip(means, ses, strict=True)):
         # IWAE_k' >= IWAE_k: the difference may be negative only by noise
         assert bool((m_hi - m_lo > -Z_TOLERANCE * (se_lo**2 + se_hi**2).sqrt()).all())
     assert bool((means[-1] - means[0] > 10 * ses[0]).all())  # the bound does tighten, clearly
@@ -209,7 +210,7 @@ class BankNormal(Independent):
         super().__init__(Normal(loc, scale), 1)
         self.bank, self.used = bank, 0
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=(1,)):
         n = sample_shape[0]
         eps = self.bank[self.used : self.used + n]
         self.used += n
@@ -235,9 +236,11 @@ def test_chunked_and_unchunked_log_marginal_agree(chunk_size):
     torch.testing.assert_close(gap_chunked.value, gap_whole.value, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gap_chunked.stderr, gap_whole.stderr, rtol=1e-12, atol=1e-12)
     # and the streamed reductions equal the direct ones on the full log-weight matrix
-    lw = model.decode(q.base_dist.loc + q.base_dist.scale * bank).log_prob(x) + model.prior.log_prob(
-        q.base_dist.loc + q.base_dist.scale * bank
-    ) - q.log_prob(q.base_dist.loc + q.base_dist.scale * bank)
+    lw = (
+        model.decode(q.base_dist.loc + q.base_dist.scale * bank).log_prob(x)
+        + model.prior.log_prob(q.base_dist.loc + q.base_dist.scale * bank)
+        - q.log_prob(q.base_dist.loc + q.base_dist.scale * bank)
+    )
     lw = lw.detach()
     torch.testing.assert_close(whole.value, torch.logsumexp(lw, 0) - math.log(k))
     w = torch.softmax(lw, 0)
@@ -258,8 +261,12 @@ def test_weight_stats_stderr_matches_delta_method_on_known_weights():
 
 # --- Pareto k-hat -------------------------------------------------------------------------------------------------
 # Reference values from a peer implementation (arviz 0.23.4, psislw) on the same log-weights.
-ARVIZ_KHAT = [(0, 1.0, 4000, 0.10534296715942716), (1, 2.0, 4000, 0.7887656673942536),
-              (2, 4.0, 1000, 2.017761257242798), (3, 0.5, 100, 0.40458297238351204)]
+ARVIZ_KHAT = [
+    (0, 1.0, 4000, 0.10534296715942716),
+    (1, 2.0, 4000, 0.7887656673942536),
+    (2, 4.0, 1000, 2.017761257242798),
+    (3, 0.5, 100, 0.40458297238351204),
+]
 
 
 @pytest.mark.parametrize(("seed", "scale", "n", "expected"), ARVIZ_KHAT)
@@ -284,15 +291,27 @@ def test_huge_logits_and_tiny_variances_stay_finite():
     with torch.no_grad():
         decoder.weight.fill_(1e4)
         decoder.bias.fill_(-1e4)
-    vae = VAE(prior=StandardNormal(2), encoder=torch.nn.Linear(6, 4), decoder=decoder,
-              likelihood=BernoulliLikelihood((6,)))
+    vae = VAE(
+        prior=StandardNormal(2),
+        encoder=torch.nn.Linear(6, 4),
+        decoder=decoder,
+        likelihood=BernoulliLikelihood((6,)),
+    )
     x = torch.bernoulli(torch.full((5, 6), 0.5))
-    for value in (vaelab.elbo(vae, x, k=4), vaelab.iwae_bound(vae, x, k=4), vaelab.log_marginal(vae, x, k=50).value,
-                  vaelab.log_marginal(vae, x, k=50, proposal="prior").value):
+    for value in (
+        vaelab.elbo(vae, x, k=4),
+        vaelab.iwae_bound(vae, x, k=4),
+        vaelab.log_marginal(vae, x, k=50).value,
+        vaelab.log_marginal(vae, x, k=50, proposal="prior").value,
+    ):
         assert bool(torch.isfinite(value).all())
     model, x = make_model(noise_scale=1e-6)
-    for value in (model.log_marginal_exact(x), vaelab.elbo(model, x, k=4, form="kl"),
-                  vaelab.log_marginal(model, x, k=100).value, vaelab.log_marginal(model, x, k=100, proposal="prior").value):
+    for value in (
+        model.log_marginal_exact(x),
+        vaelab.elbo(model, x, k=4, form="kl"),
+        vaelab.log_marginal(model, x, k=100).value,
+        vaelab.log_marginal(model, x, k=100, proposal="prior").value,
+    ):
         assert bool(torch.isfinite(value).all())
 
 
@@ -320,8 +339,12 @@ def test_bad_input_raises_value_error_naming_the_problem(call, message):
 
 
 def test_data_outside_bernoulli_support_is_rejected():
-    vae = VAE(prior=StandardNormal(2), encoder=torch.nn.Linear(6, 4), decoder=torch.nn.Linear(2, 6),
-              likelihood=BernoulliLikelihood((6,)))
+    vae = VAE(
+        prior=StandardNormal(2),
+        encoder=torch.nn.Linear(6, 4),
+        decoder=torch.nn.Linear(2, 6),
+        likelihood=BernoulliLikelihood((6,)),
+    )
     with pytest.raises(ValueError, match="outside the likelihood's support"):
         vaelab.log_marginal(vae, torch.full((2, 6), 0.5), k=10)
 

@@ -58,8 +58,12 @@ def test_interface_shapes():
     z = q.rsample((5,))
     p = model.decode(z)
     assert p.batch_shape == (5, 4) and p.event_shape == (7,)
-    vae = VAE(prior=StandardNormal(2), encoder=torch.nn.Linear(6, 4), decoder=torch.nn.Linear(2, 6),
-              likelihood=BernoulliLikelihood((2, 3)))
+    vae = VAE(
+        prior=StandardNormal(2),
+        encoder=torch.nn.Linear(6, 4),
+        decoder=torch.nn.Linear(2, 6),
+        likelihood=BernoulliLikelihood((2, 3)),
+    )
     xb = torch.bernoulli(torch.full((4, 2, 3), 0.5))
     vae.encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 4))
     q = vae.encode(xb)
@@ -89,7 +93,10 @@ def test_fit_ppca_is_a_stationary_point_of_the_likelihood():
     [
         (dict(weight=torch.zeros(3), bias=torch.zeros(3), noise_var=1.0), "weight must be"),
         (dict(weight=torch.zeros(3, 2), bias=torch.zeros(2), noise_var=1.0), "bias must be"),
-        (dict(weight=torch.zeros(3, 2), bias=torch.zeros(3), noise_var=torch.ones(2)), "noise_var must be a scalar"),
+        (
+            dict(weight=torch.zeros(3, 2), bias=torch.zeros(3), noise_var=torch.ones(2)),
+            "noise_var must be a scalar",
+        ),
         (dict(weight=torch.zeros(3, 2), bias=torch.zeros(3), noise_var=0.0), "noise_var must be > 0"),
     ],
 )

@@ -13,6 +13,7 @@ it is wrong and unflagged, or an ordering that must hold (ELBO <= IWAE_k <= IWAE
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -112,7 +113,7 @@ def check_row(model: LinearGaussian, name: str, proposal: str, q: Distribution, 
         verdict = "ok" if value <= log_px + _allowed(se, log_px) else "FAIL"
         row.iwae[k] = Estimate(value, se, exact=log_px, verdict=verdict)
     bounds = [row.iwae[k] for k in IWAE_KS]
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in itertools.pairwise(bounds):
         if hi.value < lo.value - _allowed(math.hypot(lo.stderr, hi.stderr), log_px):
             hi.verdict = "FAIL"
             row.problems.append("IWAE bound decreased with k")
@@ -127,8 +128,13 @@ def check_row(model: LinearGaussian, name: str, proposal: str, q: Distribution, 
     row.gap = Estimate(g.value.item(), g.stderr.item(), exact=exact_gap)
     row.gap.verdict = _verdict(row.gap.value, exact_gap, row.gap.stderr, row.importance.pareto_k)
 
-    for label, est in [*(("ELBO " + f, e) for f, e in row.elbo.items()), *((f"IWAE_{k}", e) for k, e in row.iwae.items()),
-                       ("IS log p(x)", row.importance), ("naive log p(x)", row.naive), ("gap", row.gap)]:
+    for label, est in [
+        *(("ELBO " + f, e) for f, e in row.elbo.items()),
+        *((f"IWAE_{k}", e) for k, e in row.iwae.items()),
+        ("IS log p(x)", row.importance),
+        ("naive log p(x)", row.naive),
+        ("gap", row.gap),
+    ]:
         if est.verdict == "FAIL":
             row.problems.append(f"{label}: {est.value:.4f} +- {est.stderr:.4f} vs exact {est.exact:.4f}")
     return row
@@ -168,10 +174,15 @@ def format_table(rows: list[Row]) -> str:
             _pm(r.iwae[k]) + _mark(r.iwae[k]) for k in IWAE_KS
         ]
         lines.append(f"{r.model:<15} {r.proposal:<18} {r.log_px:9.3f} " + " ".join(f"{c:>17}" for c in cells))
-    lines += ["", f"log p(x) estimates with k = {IS_K} (IS: proposal q; naive: proposal p(z)), and the gap "
-              "KL(q || p(z|x)):", ""]
-    head = (f"{'model':<15} {'q':<18} {'log p(x)':>9} {'IS estimate':>17} {'ESS':>8} {'k-hat':>6} "
-            f"{'naive estimate':>17} {'ESS':>8} {'k-hat':>6} {'exact gap':>10} {'estimated gap':>17}  verdicts")
+    lines += [
+        "",
+        f"log p(x) estimates with k = {IS_K} (IS: proposal q; naive: proposal p(z)), and the gap KL(q || p(z|x)):",
+        "",
+    ]
+    head = (
+        f"{'model':<15} {'q':<18} {'log p(x)':>9} {'IS estimate':>17} {'ESS':>8} {'k-hat':>6} "
+        f"{'naive estimate':>17} {'ESS':>8} {'k-hat':>6} {'exact gap':>10} {'estimated gap':>17}  verdicts"
+    )
     lines += [head, "-" * len(head)]
     for r in rows:
         verdicts = f"IS {r.importance.verdict}, naive {r.naive.verdict}, gap {r.gap.verdict}"

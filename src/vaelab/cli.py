@@ -30,8 +30,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for p in problems:
             print("  " + p)
         return 1
-    print("check passed: every estimate agrees with the exact value within its standard errors, "
-          "or flags itself as unreliable.")
+    print(
+        "check passed: every estimate agrees with the exact value within its standard errors, "
+        "or flags itself as unreliable."
+    )
     return 0
 
 

@@ -204,4 +204,3 @@ class LinearGaussian(nn.Module):
         noise_var = noise_var.clamp_min(floor)
         weight = evecs[:, :latent_dim] * (evals[:latent_dim] - noise_var).clamp_min(0).sqrt()
         return cls(weight, mean, noise_var)
-

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence, register_kl
+from torch.distributions import (
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    kl_divergence,
+    register_kl,
+)
 
 from vaelab._math import positive_scale
 
@@ -26,7 +33,9 @@ class DiagonalGaussian(nn.Module):
 
     def forward(self, params: torch.Tensor) -> Distribution:
         if params.shape[-1] % 2:
-            raise ValueError(f"encoder output needs an even last dimension (loc, scale), got shape {tuple(params.shape)}")
+            raise ValueError(
+                f"encoder output needs an even last dimension (loc, scale), got shape {tuple(params.shape)}"
+            )
         loc, raw_scale = params.chunk(2, dim=-1)
         return Independent(Normal(loc, positive_scale(raw_scale, self.min_scale), validate_args=False), 1)
 
