@@ -148,6 +148,10 @@ class LinearGaussian(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws of x from the model, ``[n, D]``."""
+        with torch.no_grad():  # data, not a function of the parameters
+            return self._sample(n, generator)
+
+    def _sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         z = torch.randn(n, self.latent_dim, generator=generator, dtype=self.weight.dtype, device=self.weight.device)
         eps = torch.randn(n, self.data_shape[0], generator=generator, dtype=z.dtype, device=z.device)
         return z @ self.weight.T + self.bias + eps * self._noise_diag().sqrt()

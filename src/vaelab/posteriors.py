@@ -29,6 +29,8 @@ class DiagonalGaussian(nn.Module):
 
     def __init__(self, min_scale: float = 1e-4):
         super().__init__()
+        if not min_scale > 0:
+            raise ValueError(f"min_scale must be > 0, got {min_scale}")
         self.min_scale = min_scale
 
     def forward(self, params: torch.Tensor) -> Distribution:

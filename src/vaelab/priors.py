@@ -40,6 +40,8 @@ class LearnedGaussian(nn.Module):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if not 0 < min_scale < 1:
+            raise ValueError(f"min_scale must be in (0, 1) (the prior starts at scale 1), got {min_scale}")
         self.latent_dim = latent_dim
         self.min_scale = min_scale
         self.loc = nn.Parameter(torch.zeros(latent_dim))

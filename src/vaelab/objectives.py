@@ -1,0 +1,283 @@
+"""Training objectives: per-example surrogate losses built from the estimators in :mod:`vaelab.estimators`.
+
+Every objective is a pure function ``objective(model, x, *, k=1, beta=1.0, q=None, ...) -> ObjectiveOutput``
+with keyword-only options; :data:`OBJECTIVES` maps names to them. ``loss`` (``[B]``) is the surrogate to
+minimise: its gradient is the objective's gradient, and the training loop reduces it once,
+``out.loss.mean().backward()``. Alongside it come detached per-example values for reporting, among them the
+unweighted (beta = 1) ELBO, whatever the objective trains.
+
+No density or KL is written here: values come from :func:`~vaelab.estimators.elbo_parts`,
+:func:`~vaelab.estimators.log_weights` and ``torch.distributions``. The one exception is DReG, which needs the
+log-weights with q's parameters cut from the graph (see :func:`iwae_dreg_objective`).
+
+``q=`` replaces ``model.encode(x)``, as in the estimators: it must have batch ``[B]`` and event ``[d]``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence
+
+from vaelab._math import log_mean_exp
+from vaelab.estimators import (
+    ElboForm,
+    ElboParts,
+    _check_count,
+    _posterior,
+    check_data,
+    elbo_parts,
+    log_weights,
+)
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """One training objective evaluated on a batch; every field is per example, ``[B]``, in nats.
+
+    Attributes:
+        loss: the surrogate to minimise (attached to the graph). Its value is minus the objective; its
+            gradient is the objective's gradient (for DReG, the reduced-variance estimator of it).
+        elbo: the unweighted (beta = 1) ELBO estimate from the same samples, detached: what gets reported.
+        recon: E_q[log p(x|z)] estimate, detached; ``None`` where the objective leaves the ELBO unsplit.
+        kl: KL(q(z|x) || p(z)) estimate (``elbo = recon - kl``), detached; ``None`` where ``recon`` is.
+    """
+
+    loss: torch.Tensor
+    elbo: torch.Tensor
+    recon: torch.Tensor | None
+    kl: torch.Tensor | None
+
+
+Objective = Callable[..., ObjectiveOutput]
+
+
+# --- validation -------------------------------------------------------------------------------------------------------
+def _check_nonnegative(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _require_unit_beta(beta: object, objective: str, why: str) -> None:
+    if _check_nonnegative(beta, "beta") != 1.0:
+        raise ValueError(f"the {objective} objective takes no KL weight (beta must be 1, got {beta!r}); {why}")
+
+
+def _describe(dist: Distribution) -> str:
+    if isinstance(dist, Independent):
+        return f"Independent({type(dist.base_dist).__name__}, {dist.reinterpreted_batch_ndims})"
+    return type(dist).__name__
+
+
+def _from_parts(loss: torch.Tensor, parts: ElboParts) -> ObjectiveOutput:
+    recon, kl = parts.recon.detach(), parts.kl.detach()
+    return ObjectiveOutput(loss=loss, elbo=recon - kl, recon=recon, kl=kl)
+
+
+# --- the ELBO and its weighted variants -------------------------------------------------------------------------------
+def elbo_objective(
+    model,
+    x: torch.Tensor,
+    *,
+    k: int = 1,
+    beta: float = 1.0,
+    form: ElboForm = "joint",
+    q: Distribution | None = None,
+) -> ObjectiveOutput:
+    """The (beta-weighted) ELBO: loss = -(recon - beta * kl), from ``k`` samples of q in the given ``form``.
+
+    At beta = 1 the loss is exactly minus :func:`vaelab.estimators.elbo`; beta > 1 is the beta-VAE objective
+    (Higgins et al., 2017), beta < 1 a KL warm-up stage (see :mod:`vaelab.schedules`).
+
+    Args:
+        k: samples of q averaged per example.
+        beta: KL weight, >= 0.
+        form: how the KL is estimated (see :func:`~vaelab.estimators.elbo_parts`).
+        q: replaces ``model.encode(x)``.
+    """
+    beta = _check_nonnegative(beta, "beta")
+    parts = elbo_parts(model, x, k=k, form=form, q=q)
+    return _from_parts(-(parts.recon - beta * parts.kl), parts)
+
+
+def capacity_objective(
+    model,
+    x: torch.Tensor,
+    *,
+    capacity: float,
+    gamma: float,
+    k: int = 1,
+    beta: float = 1.0,
+    form: ElboForm = "kl",
+    q: Distribution | None = None,
+) -> ObjectiveOutput:
+    """Controlled capacity (Burgess et al., 2018): loss = -(recon - gamma * |kl - C|), per example.
+
+    The KL is pulled towards the target C (nats) rather than towards 0; C usually grows over training (the
+    ``capacity`` schedule in :mod:`vaelab.schedules` supplies ``capacity`` and ``gamma``). The absolute value
+    is taken per example (some implementations take it of the batch-mean KL instead). ``form`` defaults to the
+    analytic KL: |.| of a noisy Monte Carlo KL would be biased upwards.
+
+    Args:
+        capacity: the target KL C, nats, >= 0.
+        gamma: weight of the deviation from C, >= 0.
+        beta: must be 1 (gamma plays its part).
+    """
+    _require_unit_beta(beta, "capacity", "the KL is weighted by gamma around the target capacity")
+    capacity = _check_nonnegative(capacity, "capacity")
+    gamma = _check_nonnegative(gamma, "gamma")
+    parts = elbo_parts(model, x, k=k, form=form, q=q)
+    return _from_parts(-(parts.recon - gamma * (parts.kl - capacity).abs()), parts)
+
+
+def _kl_per_dimension(q: Distribution, prior: Distribution) -> torch.Tensor:
+    """KL(q_j || p_j) for each latent dimension j of factorised Gaussians, ``[B, d]`` (analytic)."""
+    for name, dist in (("q", q), ("the prior", prior)):
+        factorised = (
+            isinstance(dist, Independent) and isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1
+        )
+        if not factorised:
+            raise ValueError(
+                "free bits needs the KL per latent dimension, so q and the prior must be factorised "
+                f"Gaussians, Independent(Normal, 1); {name} is {_describe(dist)}"
+            )
+    return kl_divergence(q.base_dist, prior.base_dist)  # (B, d): the prior's [d] broadcasts over the batch
+
+
+def free_bits_objective(
+    model,
+    x: torch.Tensor,
+    *,
+    free_nats: float,
+    k: int = 1,
+    beta: float = 1.0,
+    q: Distribution | None = None,
+) -> ObjectiveOutput:
+    """Free bits (Kingma et al., 2016, "Improved variational inference with inverse autoregressive flow").
+
+    Each latent dimension's KL, averaged over the batch, is floored at lambda = ``free_nats``:
+
+        objective = mean_b recon_b - beta * sum_j max(lambda, mean_b KL_bj),
+
+    so no gradient pushes a dimension's KL below lambda. As a per-example surrogate whose batch mean is
+    exactly minus that objective: loss_b = -(recon_b - beta * sum_j c_bj), with c_bj = lambda (a constant, no
+    gradient) for dimensions whose batch-mean KL is below lambda and c_bj = KL_bj otherwise. The floor depends
+    on the batch, so loss_b is not a function of example b alone. The reported ELBO is the plain one (analytic
+    KL).
+
+    Requires q and the prior to be factorised Gaussians (``Independent(Normal, 1)``); raises ``ValueError``
+    otherwise.
+
+    Args:
+        free_nats: lambda, nats per latent dimension, >= 0.
+        k: samples of q for the reconstruction term.
+        beta: KL weight, >= 0.
+        q: replaces ``model.encode(x)``.
+    """
+    beta = _check_nonnegative(beta, "beta")
+    free_nats = _check_nonnegative(free_nats, "free_nats")
+    check_data(model, x)
+    _check_count(k, "k")
+    q = _posterior(model, x, q)
+    kl_dims = _kl_per_dimension(q, model.prior)  # (B, d)
+    below = kl_dims.detach().mean(0) < free_nats  # (d,)
+    floored = torch.where(below, torch.full_like(kl_dims, free_nats), kl_dims)  # (B, d)
+    parts = elbo_parts(model, x, k=k, form="kl", q=q)
+    return _from_parts(-(parts.recon - beta * floored.sum(-1)), parts)
+
+
+# --- importance-weighted objectives -----------------------------------------------------------------------------------
+_IW_BETA = "beta-weighting of an importance-weighted bound is not defined here"
+
+
+def iwae_objective(
+    model, x: torch.Tensor, *, k: int = 1, beta: float = 1.0, q: Distribution | None = None
+) -> ObjectiveOutput:
+    """The IWAE bound (Burda et al., 2016): loss = -log (1/k) sum_i w_i, w_i = p(x, z_i) / q(z_i|x).
+
+    Gradients are the standard reparameterized ones: sum_i w~_i grad log w_i with w~ = w / sum w. ``elbo`` is
+    mean_i log w_i from the same samples; ``recon`` and ``kl`` are ``None`` (the log-weights come unsplit).
+
+    Args:
+        k: importance samples per example (k = 1: the ELBO).
+        beta: must be 1.
+        q: replaces ``model.encode(x)``.
+    """
+    _require_unit_beta(beta, "iwae", _IW_BETA)
+    lw = log_weights(model, x, k=k, q=q)  # (K, B)
+    return ObjectiveOutput(loss=-log_mean_exp(lw, dim=0), elbo=lw.mean(0).detach(), recon=None, kl=None)
+
+
+def _detach_parameters(q: Distribution) -> Distribution:
+    """q with its parameters cut from the graph: same density, no gradient to the encoder through log q."""
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
+        base = q.base_dist
+        return Independent(
+            Normal(base.loc.detach(), base.scale.detach(), validate_args=False), q.reinterpreted_batch_ndims
+        )
+    if isinstance(q, MultivariateNormal):
+        return MultivariateNormal(q.loc.detach(), scale_tril=q.scale_tril.detach(), validate_args=False)
+    raise ValueError(
+        f"DReG needs q with detachable parameters: Independent(Normal, n) or MultivariateNormal; got {_describe(q)}"
+    )
+
+
+def iwae_dreg_objective(
+    model, x: torch.Tensor, *, k: int = 1, beta: float = 1.0, q: Distribution | None = None
+) -> ObjectiveOutput:
+    """IWAE with doubly reparameterized gradients, DReG (Tucker, Lawson, Gu & Maddison, 2019, "Doubly
+    reparameterized gradient estimators for Monte Carlo objectives").
+
+    Same value as :func:`iwae_objective` (loss = -IWAE_k) and the same decoder gradient sum_i w~_i grad_theta
+    log w_i, but the encoder gradient is the lower-variance, still unbiased
+
+        grad_phi IWAE_k ~= sum_i w~_i^2 (d log w_i / d z_i) (d z_i / d phi),
+
+    with log w_i evaluated with q's parameters held fixed (only the path through z_i). One decoder pass: z = q
+    rsampled; log w computed with a parameter-detached copy of q; a hook on z scales its incoming gradient by
+    w~_i; the surrogate s = sum_i w~_i log w_i (w~ detached) then carries exactly both gradients, and
+    loss = -IWAE.detach() - (s - s.detach()) has the value -IWAE.
+
+    Assumes the encoder's and decoder's parameters are disjoint. q must be ``Independent(Normal)`` or
+    ``MultivariateNormal`` (``ValueError`` otherwise). ``recon`` and ``kl`` are the joint-form ELBO's terms
+    from the same samples.
+
+    Args:
+        k: importance samples per example (k = 1: the ELBO with the "sticking the landing" gradient).
+        beta: must be 1.
+        q: replaces ``model.encode(x)``.
+    """
+    _require_unit_beta(beta, "iwae_dreg", _IW_BETA)
+    check_data(model, x)
+    _check_count(k, "k")
+    q = _posterior(model, x, q)
+    q_fixed = _detach_parameters(q)
+    z = q.rsample((k,))  # (K, B, d)
+    log_px_z = model.decode(z).log_prob(x)  # (K, B)
+    log_pz = model.prior.log_prob(z)  # (K, B)
+    log_q = q_fixed.log_prob(z)  # (K, B): gradient only through z
+    lw = log_px_z + log_pz - log_q  # (K, B)
+    w = torch.softmax(lw.detach(), dim=0)  # (K, B) normalized weights w~
+    if z.requires_grad:
+        # the encoder sees w~_i * (d s / d z_i) = w~_i^2 d log w_i / d z_i; the decoder's gradient skips z
+        z.register_hook(lambda grad: grad * w.unsqueeze(-1))
+    s = (w * lw).sum(0)  # (B,)
+    bound = log_mean_exp(lw.detach(), dim=0)
+    loss = -bound - (s - s.detach())
+    recon = log_px_z.mean(0).detach()
+    kl = (log_q - log_pz).mean(0).detach()
+    return ObjectiveOutput(loss=loss, elbo=recon - kl, recon=recon, kl=kl)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "elbo": elbo_objective,
+    "capacity": capacity_objective,
+    "free_bits": free_bits_objective,
+    "iwae": iwae_objective,
+    "iwae_dreg": iwae_dreg_objective,
+}

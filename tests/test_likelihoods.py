@@ -1,0 +1,299 @@
+"""Tests for vaelab.likelihoods: densities against scipy / closed forms, shapes, numerics, validation.
+
+Numerics tests run in float64 with fixed seeds; the comparisons are deterministic (no Monte Carlo), so the
+tolerances are rounding tolerances, not statistical ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+import torch
+from torch.distributions import constraints
+
+from vaelab.estimators import check_data
+from vaelab.likelihoods import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    LearnedGaussianLikelihood,
+)
+from vaelab.models import VAE
+from vaelab.priors import StandardNormal
+
+DATA_SHAPES = [(5,), (2, 3)]
+K, B = 3, 4  # samples of z, examples
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+def _params(shape, generator, dtype=torch.float64) -> torch.Tensor:
+    """Unconstrained decoder outputs (logits or means) with |value| in [0.5, ~4].
+
+    Kept away from 0 because the continuous Bernoulli switches to a Taylor expansion for logits near 0;
+    numerical gradients straddling the switch would test torch's seam, not vaelab.
+    """
+    raw = torch.randn(shape, generator=generator, dtype=dtype)
+    return raw.sign() * (0.5 + raw.abs())
+
+
+def _data(support, shape, generator, dtype=torch.float64) -> torch.Tensor:
+    """Data inside a likelihood's support."""
+    if support is constraints.boolean:
+        return torch.bernoulli(torch.full(shape, 0.5, dtype=dtype), generator=generator)
+    if support is constraints.unit_interval:
+        return torch.rand(shape, generator=generator, dtype=dtype)
+    if support is constraints.real:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    raise NotImplementedError(f"no test data for support {support}; add a case here for the new likelihood")
+
+
+def _cb_log_prob(logits: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Continuous Bernoulli log-density, closed form: log C(lam) + x log lam + (1 - x) log(1 - lam),
+    C(lam) = 2 artanh(1 - 2 lam) / (1 - 2 lam) (Loaiza-Ganem & Cunningham, 2019, eq. 7).
+
+    Valid away from lam = 1/2, and in float64 only while lam is not rounded to 0 or 1 (|logit| < ~36).
+    """
+    lam = scipy.special.expit(logits)
+    log_c = np.log(2 * np.arctanh(1 - 2 * lam) / (1 - 2 * lam))
+    return log_c + x * np.log(lam) + (1 - x) * np.log1p(-lam)
+
+
+def _cb_log_prob_from_logits(logits: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The same density written in the logits L, stable at any |L| > 0: since 1 - 2 lam = -tanh(L / 2),
+    C = L / tanh(L / 2), and log lam = log_expit(L), log(1 - lam) = log_expit(-L).
+    """
+    log_c = np.log(logits / np.tanh(logits / 2))
+    return log_c + x * scipy.special.log_expit(logits) + (1 - x) * scipy.special.log_expit(-logits)
+
+
+def _event_sum(values: np.ndarray, data_shape) -> np.ndarray:
+    return values.sum(axis=tuple(range(-len(data_shape), 0)))
+
+
+# --- densities against scipy and closed forms ---------------------------------------------------------------
+@pytest.mark.parametrize("data_shape", DATA_SHAPES)
+def test_bernoulli_matches_scipy(data_shape):
+    gen = torch.Generator().manual_seed(0)
+    logits = _params((K, B, *data_shape), gen)
+    x = _data(constraints.boolean, (B, *data_shape), gen)
+    log_prob = BernoulliLikelihood(data_shape)(logits).log_prob(x)  # (K, B)
+    expected = scipy.stats.bernoulli.logpmf(x.numpy(), scipy.special.expit(logits.numpy()))
+    np.testing.assert_allclose(log_prob.numpy(), _event_sum(expected, data_shape), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("data_shape", DATA_SHAPES)
+@pytest.mark.parametrize("scale", [0.5, 2.0])  # exactly representable in float32: see the xfail test below
+def test_gaussian_matches_scipy(data_shape, scale):
+    gen = torch.Generator().manual_seed(1)
+    loc = _params((K, B, *data_shape), gen)
+    x = _data(constraints.real, (B, *data_shape), gen)
+    log_prob = GaussianLikelihood(data_shape, scale=scale)(loc).log_prob(x)
+    expected = scipy.stats.norm.logpdf(x.numpy(), loc=loc.numpy(), scale=scale)
+    np.testing.assert_allclose(log_prob.numpy(), _event_sum(expected, data_shape), rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_scale_keeps_float64_precision():
+    gen = torch.Generator().manual_seed(2)
+    loc = torch.zeros(B, 5, dtype=torch.float64)
+    x = 3 * _data(constraints.real, (B, 5), gen)
+    likelihood = GaussianLikelihood((5,), scale=0.3).to(torch.float64)
+    expected = scipy.stats.norm.logpdf(x.numpy(), loc=0.0, scale=0.3).sum(-1)
+    np.testing.assert_allclose(likelihood(loc).log_prob(x).detach().numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("data_shape", DATA_SHAPES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_learned_gaussian_matches_scipy(data_shape, shared):
+    gen = torch.Generator().manual_seed(3)
+    likelihood = LearnedGaussianLikelihood(data_shape, shared=shared).to(torch.float64)
+    with torch.no_grad():  # move away from the initial scale of 1, different per pixel when not shared
+        raw_scale = torch.randn(likelihood.raw_scale.shape, generator=gen, dtype=torch.float64)
+        likelihood.raw_scale.copy_(raw_scale)
+    loc = _params((K, B, *data_shape), gen)
+    x = _data(constraints.real, (B, *data_shape), gen)
+    scale = likelihood.scale.detach()
+    assert scale.shape == (() if shared else data_shape)
+    log_prob = likelihood(loc).log_prob(x)
+    expected = _event_sum(
+        scipy.stats.norm.logpdf(x.numpy(), loc=loc.numpy(), scale=scale.numpy()), data_shape
+    )
+    np.testing.assert_allclose(log_prob.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_learned_gaussian_starts_at_init_scale():
+    likelihood = LearnedGaussianLikelihood((2, 3), min_scale=1e-2, init_scale=0.25).to(torch.float64)
+    torch.testing.assert_close(likelihood.scale.detach(), torch.full((2, 3), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("data_shape", DATA_SHAPES)
+def test_continuous_bernoulli_matches_closed_form(data_shape):
+    gen = torch.Generator().manual_seed(4)
+    logits = 2 * _params((K, B, *data_shape), gen)  # |logit| >= 1: lam outside [0.27, 0.73]
+    x = _data(constraints.unit_interval, (B, *data_shape), gen)
+    x[0].view(-1)[:2] = torch.tensor([0.0, 1.0], dtype=x.dtype)  # the support's end points too
+    log_prob = ContinuousBernoulliLikelihood(data_shape)(logits).log_prob(x)
+    expected = _event_sum(_cb_log_prob(logits.numpy(), x.numpy()), data_shape)
+    np.testing.assert_allclose(log_prob.numpy(), expected, rtol=1e-10, atol=1e-10)
+    # the logits form used as reference at saturated logits below is the same density
+    from_logits = _event_sum(_cb_log_prob_from_logits(logits.numpy(), x.numpy()), data_shape)
+    np.testing.assert_allclose(from_logits, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_continuous_bernoulli_normalized_at_saturated_logits_float32():
+    logits = torch.tensor([[20.0, -20.0, 40.0, -100.0]])
+    x = torch.tensor([[0.9, 0.1, 0.99, 0.5]])
+    log_prob = ContinuousBernoulliLikelihood((4,))(logits).log_prob(x)
+    expected = _cb_log_prob_from_logits(logits.double().numpy(), x.double().numpy()).sum(-1)
+    np.testing.assert_allclose(log_prob.double().numpy(), expected, atol=1e-3)
+
+
+# --- shapes, over the registry ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+@pytest.mark.parametrize("data_shape", DATA_SHAPES)
+def test_batch_and_event_shapes(name, data_shape):
+    gen = torch.Generator().manual_seed(5)
+    likelihood = LIKELIHOODS[name](data_shape).to(torch.float64)
+    assert likelihood.data_shape == torch.Size(data_shape)
+    dist = likelihood(_params((K, B, *data_shape), gen))
+    assert dist.batch_shape == (K, B)
+    assert dist.event_shape == data_shape
+    x = _data(likelihood.support, (B, *data_shape), gen)
+    log_prob = dist.log_prob(x)  # x broadcasts over the K samples
+    assert log_prob.shape == (K, B)
+    assert bool(torch.isfinite(log_prob).all())
+    # one example's density is the same whether or not it is batched with others
+    single = likelihood(_params((*data_shape,), gen))
+    assert single.batch_shape == ()
+    assert single.log_prob(x[0]).shape == ()
+
+
+# --- numerics -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("magnitude", [1e4, 1e30])
+def test_bernoulli_huge_logits_are_finite_and_exact(dtype, magnitude):
+    logits = torch.tensor([[magnitude, -magnitude, magnitude, -magnitude]], dtype=dtype, requires_grad=True)
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=dtype)  # two pixels agree with their logit, two do not
+    log_prob = BernoulliLikelihood((4,))(logits).log_prob(x)
+    log_prob.sum().backward()
+    torch.testing.assert_close(log_prob.detach(), torch.tensor([-2 * magnitude], dtype=dtype))
+    # d/dlogit log p = x - sigmoid(logit): 0 where the pixel agrees, -1 / +1 where it does not
+    torch.testing.assert_close(logits.grad, torch.tensor([[0.0, 0.0, -1.0, 1.0]], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("magnitude", [1e4, 1e30])
+def test_continuous_bernoulli_huge_logits_are_finite(dtype, magnitude):
+    logits = torch.tensor([[magnitude, -magnitude, magnitude, -magnitude]], dtype=dtype, requires_grad=True)
+    x = torch.tensor([[1.0, 0.0, 0.3, 0.8]], dtype=dtype)
+    log_prob = ContinuousBernoulliLikelihood((4,))(logits).log_prob(x)
+    log_prob.sum().backward()
+    assert bool(torch.isfinite(log_prob).all())
+    assert bool(torch.isfinite(logits.grad).all())
+    # pixels far from their logit's end of [0, 1] are very unlikely
+    assert log_prob.item() < -0.5 * magnitude
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shared", [False, True])
+def test_learned_gaussian_scale_floor(dtype, shared):
+    min_scale = 1e-3
+    likelihood = LearnedGaussianLikelihood((5,), shared=shared, min_scale=min_scale).to(dtype)
+    with torch.no_grad():
+        likelihood.raw_scale.fill_(-1e4)
+    assert bool((likelihood.scale >= min_scale).all())
+    loc = torch.zeros(B, 5, dtype=dtype)
+    x = torch.ones(B, 5, dtype=dtype)
+    log_prob = likelihood(loc).log_prob(x)
+    log_prob.sum().backward()
+    assert bool(torch.isfinite(log_prob).all())
+    assert bool(torch.isfinite(likelihood.raw_scale.grad).all())
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_log_prob_gradcheck(name):
+    gen = torch.Generator().manual_seed(6)
+    likelihood = LIKELIHOODS[name]((2, 3)).to(torch.float64)
+    params = _params((B, 2, 3), gen).requires_grad_()
+    x = _data(likelihood.support, (B, 2, 3), gen)
+    assert torch.autograd.gradcheck(lambda p: likelihood(p).log_prob(x), (params,))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_learned_gaussian_gradcheck_wrt_scale(shared):
+    gen = torch.Generator().manual_seed(7)
+    likelihood = LearnedGaussianLikelihood((2, 3), shared=shared).to(torch.float64)
+    raw_scale = torch.randn(likelihood.raw_scale.shape, generator=gen, dtype=torch.float64).requires_grad_()
+    loc = _params((B, 2, 3), gen).requires_grad_()
+    x = _data(constraints.real, (B, 2, 3), gen)
+
+    def log_prob(loc, raw_scale):
+        dist = torch.func.functional_call(likelihood, {"raw_scale": raw_scale}, (loc,))
+        return dist.log_prob(x)
+
+    assert torch.autograd.gradcheck(log_prob, (loc, raw_scale))
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+@pytest.mark.parametrize("data_shape", [(), (0,), (3, 0), (-1,)])
+def test_bad_data_shape_raises(name, data_shape):
+    with pytest.raises(ValueError, match="data_shape must be a non-empty shape of positive sizes"):
+        LIKELIHOODS[name](data_shape)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.nan])
+def test_gaussian_bad_scale_raises(scale):
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        GaussianLikelihood((5,), scale=scale)
+
+
+@pytest.mark.parametrize(("min_scale", "init_scale"), [(1.0, 1.0), (2.0, 1.0), (0.0, 1.0), (-1e-3, 1.0)])
+def test_learned_gaussian_bad_scales_raise(min_scale, init_scale):
+    with pytest.raises(ValueError, match="0 < min_scale < init_scale"):
+        LearnedGaussianLikelihood((5,), min_scale=min_scale, init_scale=init_scale)
+
+
+def _tiny_vae(likelihood) -> VAE:
+    return VAE(
+        prior=StandardNormal(2),
+        encoder=torch.nn.Linear(6, 4),
+        decoder=torch.nn.Linear(2, 6),
+        likelihood=likelihood,
+    )
+
+
+def test_check_data_accepts_valid_binary_data():
+    x = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0]])
+    assert check_data(_tiny_vae(BernoulliLikelihood((6,))), x) is x
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        pytest.param(torch.zeros(2, 5), r"shape \[B, 6\]", id="wrong-shape"),
+        pytest.param(torch.zeros(6), r"shape \[B, 6\]", id="missing-batch-dim"),
+        pytest.param(torch.tensor([[0.0, 1.0, math.nan, 0.0, 1.0, 0.0]]), "1 NaN or infinite", id="nan"),
+        pytest.param(
+            torch.tensor([[0.0, 1.0, 0.5, 0.0, 1.0, 0.0]]), "outside the likelihood's support", id="half"
+        ),
+        pytest.param(torch.zeros(2, 6, dtype=torch.int64), "floating-point", id="integer-dtype"),
+    ],
+)
+def test_check_data_rejects_bad_binary_data(x, match):
+    with pytest.raises(ValueError, match=match):
+        check_data(_tiny_vae(BernoulliLikelihood((6,))), x)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_check_data_rejects_continuous_bernoulli_data_outside_unit_interval(bad):
+    model = _tiny_vae(ContinuousBernoulliLikelihood((6,)))
+    x = torch.tensor([[0.0, 0.2, 0.5, 0.7, 1.0, 0.3]])
+    assert check_data(model, x) is x
+    x[0, 2] = bad
+    with pytest.raises(ValueError, match="outside the likelihood's support"):
+        check_data(model, x)
