@@ -1,0 +1,518 @@
+"""Training: one readable loop, a config saved with every checkpoint, and nothing lost on a crash.
+
+The loop, per step: draw the batch (a fixed permutation per epoch, so the data order is a pure function of seed and
+step), binarize it on the device if asked, evaluate the per-example objective, reduce once (mean), backward, clip,
+Adam step. Around it: the KL schedule and learning rate as pure functions of the step, metrics to JSONL and
+TensorBoard, evaluation on a validation set, atomic checkpoints (:mod:`vaelab.checkpoint`), exact resume, a clean stop
+on Ctrl-C / SIGTERM, and a stop naming the term and step when anything turns non-finite.
+
+On CPU, a run interrupted (even by SIGKILL) and resumed from its last checkpoint ends with weights bit-identical to an
+uninterrupted run with the same seed: every source of randomness is either a function of (seed, step) or an RNG whose
+state is in the checkpoint, and evaluation draws from a forked RNG so it never perturbs training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vaelab.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+    set_rng_state,
+)
+from vaelab.estimators import elbo_parts, log_marginal
+from vaelab.likelihoods import LIKELIHOODS
+from vaelab.models import VAE
+from vaelab.nets import _BIAS_FROM_MEAN, ARCHITECTURES, init_decoder_bias
+from vaelab.objectives import OBJECTIVES
+from vaelab.priors import PRIORS
+from vaelab.schedules import SCHEDULES, make_schedule
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Saved as JSON in the run directory and inside every checkpoint."""
+
+    # model
+    architecture: str = "mlp"  # key of vaelab.nets.ARCHITECTURES
+    architecture_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden": [512, 256]}
+    latent_dim: int = 32
+    prior: str = "standard-normal"  # key of vaelab.priors.PRIORS
+    likelihood: str = "bernoulli"  # key of vaelab.likelihoods.LIKELIHOODS
+    likelihood_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"scale": 0.1}
+    init_decoder_bias: bool = True  # start the decoder's output bias at the training-set pixel means
+    # objective
+    objective: str = "elbo"  # key of vaelab.objectives.OBJECTIVES
+    k: int = 1  # samples per example in the objective
+    form: str = "kl"  # ELBO form, for the objectives that take one
+    objective_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"free_nats": 0.5}
+    schedule: str = "constant"  # key of vaelab.schedules.SCHEDULES (beta or capacity)
+    schedule_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"steps": 10000, "start": 4.0}
+    # optimization
+    batch_size: int = 100
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many steps (overrides epochs when smaller)
+    lr: float = 1e-3
+    lr_decay: str = "none"  # "none" or "cosine" (to 0 at the last step)
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    binarize: bool = False  # dynamic binarization: a fresh Bernoulli draw of every batch
+    # evaluation and bookkeeping
+    seed: int = 0
+    log_every: int = 50  # steps between train metric lines
+    eval_every: int | None = None  # steps between validation passes; None: once per epoch
+    eval_k: int = 100  # importance samples for the validation IWAE bound
+    eval_examples: int | None = 1000  # validation examples evaluated each time (None: all)
+    checkpoint_every: int | None = None  # steps between checkpoints; None: once per epoch
+    keep_last: int = 3  # step checkpoints kept (plus 'best')
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    bf16: bool = False  # bfloat16 autocast on CUDA
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name, registry in (
+            ("architecture", ARCHITECTURES),
+            ("prior", PRIORS),
+            ("likelihood", LIKELIHOODS),
+            ("objective", OBJECTIVES),
+            ("schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in registry:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(registry)}")
+        for name in ("latent_dim", "k", "batch_size", "log_every", "eval_k", "keep_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("epochs",):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+LR_DECAYS = {
+    "none": lambda step, total: 1.0,
+    "cosine": lambda step, total: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1))),
+}
+
+
+# --- building a model from a config --------------------------------------------------------------------------------
+def build_model(config: TrainConfig, data_shape: Sequence[int]) -> VAE:
+    """The VAE a config describes, for data of shape ``data_shape`` (weights freshly initialised)."""
+    encoder, decoder = ARCHITECTURES[config.architecture](
+        tuple(data_shape), config.latent_dim, **config.architecture_options
+    )
+    return VAE(
+        prior=PRIORS[config.prior](config.latent_dim),
+        encoder=encoder,
+        decoder=decoder,
+        likelihood=LIKELIHOODS[config.likelihood](tuple(data_shape), **config.likelihood_options),
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+# --- errors and results ----------------------------------------------------------------------------------------------
+class TrainingDiverged(RuntimeError):
+    """A non-finite value appeared; the message names the term and the step. Checkpoints already written are intact."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    interrupted: str | None  # the signal's name if stopped by one
+    last_eval: dict[str, Any] | None
+
+
+# --- the trainer -------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Owns the model, optimizer, schedules, data order and run directory. ``fit()`` runs to the end or to a signal.
+
+    Args:
+        config: the run's :class:`TrainConfig`.
+        train_data: ``[N, *data_shape]`` floating tensor (moved to the device once; batched by index).
+        valid_data: ``[M, *data_shape]`` or ``None``.
+        run_dir: where config, metrics, TensorBoard logs, checkpoints and final weights go.
+        resume: continue from the run directory's latest checkpoint (its saved config wins).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_data: torch.Tensor,
+        valid_data: torch.Tensor | None,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+    ):
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        resume_from = None
+        if resume:
+            resume_from = latest_checkpoint(self.run_dir)
+            if resume_from is None:
+                raise CheckpointError(f"--resume: no checkpoint found in {self.ckpt_dir}")
+            _, _, meta = load_checkpoint(resume_from)
+            config = TrainConfig.from_dict(meta["config"])
+        elif self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()):
+            raise ValueError(
+                f"{self.run_dir} already holds a run: pass resume=True (--resume) or choose a new directory"
+            )
+        self.config = config
+        self.device = resolve_device(config.device)
+        if train_data.ndim < 2 or train_data.shape[0] < 1:
+            raise ValueError(f"train_data must be [N, *data_shape] with N >= 1, got {tuple(train_data.shape)}")
+        self.train_data = train_data.to(self.device)
+        self.valid_data = None if valid_data is None else valid_data.to(self.device)
+        self.data_shape = tuple(train_data.shape[1:])
+        self.batch_size = min(config.batch_size, train_data.shape[0])
+        self.steps_per_epoch = train_data.shape[0] // self.batch_size
+        total = config.epochs * self.steps_per_epoch
+        self.total_steps = total if config.max_steps is None else min(config.max_steps, total or config.max_steps)
+        if config.max_steps is not None and config.epochs == 0:
+            self.total_steps = config.max_steps
+        self.eval_every = config.eval_every or self.steps_per_epoch
+        self.checkpoint_every = config.checkpoint_every or self.steps_per_epoch
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, self.data_shape).to(self.device)
+        if config.init_decoder_bias and config.likelihood in _BIAS_FROM_MEAN and resume_from is None:
+            init_decoder_bias(self.model.decoder, self.train_data.mean(0).clamp(0, 1), config.likelihood)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.objective = OBJECTIVES[config.objective]
+        self.objective_options = dict(config.objective_options)
+        if "form" in inspect.signature(self.objective).parameters:
+            self.objective_options.setdefault("form", config.form)
+        self.schedule = make_schedule(config.schedule, **config.schedule_options)
+        self.step = 0
+        self.best_elbo = -math.inf
+        self.last_eval: dict[str, Any] | None = None
+        self._stop: str | None = None
+        self._perm: tuple[int, torch.Tensor] | None = None
+        self._tb = None
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    # --- state ---------------------------------------------------------------------------------------------------
+    def _restore(self, directory: Path) -> None:
+        weights, tensors, meta = load_checkpoint(directory)
+        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        restore_optimizer(self.optimizer, tensors, meta)
+        set_rng_state(tensors)
+        self.step = meta["step"]
+        self.best_elbo = meta.get("best_elbo", -math.inf)
+        self.last_eval = meta.get("last_eval")
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "best_elbo": self.best_elbo,
+            "last_eval": self.last_eval,
+            "data_shape": list(self.data_shape),
+        }
+
+    def save(self, name: str | None = None) -> Path:
+        directory = self.ckpt_dir / (name or f"step_{self.step:08d}")
+        save_checkpoint(directory, model=self.model, optimizer=self.optimizer, meta=self._meta())
+        if name is None:
+            atomic_write_text(self.ckpt_dir / "latest.json", json.dumps({"checkpoint": directory.name}))
+            self._prune()
+        return directory
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in steps[: -self.config.keep_last]:
+            shutil.rmtree(old)
+
+    # --- data ------------------------------------------------------------------------------------------------------
+    def _batch(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.train_data.shape[0], generator=g).to(self.device))
+        idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size]
+        x = self.train_data[idx]
+        return torch.bernoulli(x) if self.config.binarize else x
+
+    def _lr(self, step: int) -> float:
+        return self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
+
+    # --- one step --------------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        step = self.step
+        x = self._batch(step)
+        sched = self.schedule.objective_kwargs(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.bf16 and self.device.type == "cuda")
+        try:
+            with autocast:
+                out = self.objective(self.model, x, k=self.config.k, **sched, **self.objective_options)
+        except ValueError as err:
+            raise TrainingDiverged(f"step {step}: the batch was rejected: {err}") from err
+        loss = out.loss.mean()
+        if not bool(torch.isfinite(loss)):
+            raise TrainingDiverged(f"step {step}: {_non_finite_term(out)} is not finite (loss = {loss.item()})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        else:
+            norm = None
+        bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+        if bad:
+            raise TrainingDiverged(f"step {step}: the gradient of {', '.join(bad)} is not finite")
+        self.optimizer.step()
+        self.step += 1
+        stats = {"loss": loss.detach(), "elbo": out.elbo.mean()}
+        if out.recon is not None:
+            stats["recon"], stats["kl"] = out.recon.mean(), out.kl.mean()
+        if norm is not None:
+            stats["grad_norm"] = norm.detach()
+        return stats
+
+    # --- evaluation ------------------------------------------------------------------------------------------------
+    def evaluate(self, data: torch.Tensor | None = None, *, split: str = "valid") -> dict[str, Any]:
+        """Validation ELBO (the config's form, 1 sample) and IWAE_k bound (k = eval_k), nats per example."""
+        data = self.valid_data if data is None else data
+        if data is None:
+            return {}
+        if self.config.eval_examples is not None:
+            data = data[: self.config.eval_examples]
+        g = torch.Generator().manual_seed(self.config.seed + 7919)  # fixed binarization of the evaluation set
+        if self.config.binarize:
+            data = torch.bernoulli(data.cpu(), generator=g).to(self.device)
+        elbos, iwaes = [], []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # evaluation never perturbs training's RNG
+            torch.manual_seed(self.config.seed + self.step)
+            self.model.eval()
+            for batch in data.split(self.batch_size):
+                elbos.append(elbo_parts(self.model, batch, k=1, form=self.config.form).elbo)
+                iwaes.append(log_marginal(self.model, batch, k=self.config.eval_k).value)
+            self.model.train()
+        result = {
+            "split": split,
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "elbo": torch.cat(elbos).mean().item(),
+            f"iwae_{self.config.eval_k}": torch.cat(iwaes).mean().item(),
+            "examples": int(data.shape[0]),
+        }
+        return result
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", json.dumps(asdict(self.config), indent=2))
+        metrics = open(self.run_dir / "metrics.jsonl", "a")
+        previous = _install_signal_handlers(self._request_stop)
+        bar = _progress(self.total_steps, self.step, enabled=self.config.progress)
+        sums: dict[str, torch.Tensor] = {}
+        count, tick = 0, time.perf_counter()
+        try:
+            while self.step < self.total_steps and self._stop is None:
+                stats = self.train_step()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0) + value
+                count += 1
+                bar.update(1)
+                if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    line = {key: (value / count).item() for key, value in sums.items()}
+                    line.update(
+                        split="train",
+                        step=self.step,
+                        epoch=self.step / self.steps_per_epoch,
+                        lr=self._lr(self.step - 1),
+                        samples_per_sec=count * self.batch_size / max(now - tick, 1e-9),
+                        **self.schedule.objective_kwargs(self.step - 1),
+                    )
+                    line.setdefault("beta", 1.0)
+                    self._log(metrics, line)
+                    bar.set_postfix(
+                        elbo=f"{line['elbo']:.2f}",
+                        kl=f"{line.get('kl', math.nan):.2f}",
+                        beta=f"{line['beta']:.3g}",
+                        sps=f"{line['samples_per_sec']:.0f}",
+                    )
+                    sums, count, tick = {}, 0, time.perf_counter()
+                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                    result = self.evaluate()
+                    if result:
+                        self.last_eval = result
+                        self._log(metrics, result)
+                        if result["elbo"] > self.best_elbo:
+                            self.best_elbo = result["elbo"]
+                            self.save("best")
+                if self.step % self.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.save()
+            if self._stop is not None:
+                self.save()
+                print(
+                    f"\nstopped by {self._stop} at step {self.step}; checkpoint saved in {self.ckpt_dir}. "
+                    f"Resume with: vaelab train --resume --out {self.run_dir}",
+                    file=sys.stderr,
+                )
+            else:
+                self._write_final_weights()
+        finally:
+            bar.close()
+            metrics.close()
+            _restore_signal_handlers(previous)
+            if self._tb is not None:
+                self._tb.close()
+        return TrainResult(self.run_dir, self.step, self._stop, self.last_eval)
+
+    def _write_final_weights(self) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.run_dir / ".model.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, tmp)
+        tmp.replace(self.run_dir / "model.safetensors")
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop = signal.Signals(signum).name
+
+    def _log(self, metrics, line: dict[str, Any]) -> None:
+        metrics.write(json.dumps(line) + "\n")
+        metrics.flush()
+        writer = self._writer()
+        if writer is not None:
+            for key, value in line.items():
+                if isinstance(value, float) and key not in ("step", "epoch"):
+                    writer.add_scalar(f"{line['split']}/{key}", value, line["step"])
+
+    def _writer(self):
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency, but a stripped install still trains
+                self._tb = False
+                return None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._tb or None
+
+
+def _non_finite_term(out) -> str:
+    for name, value in (("reconstruction term E_q[log p(x|z)]", out.recon), ("KL term", out.kl)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            return name
+    if not bool(torch.isfinite(out.elbo).all()):
+        return "the log-weights log p(x,z) - log q(z|x)"
+    return "the loss"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete step checkpoint of a run directory (from latest.json, else the highest step)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    pointer = ckpt_dir / "latest.json"
+    if pointer.is_file():
+        candidate = ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
+        if candidate.is_dir():
+            return candidate
+    steps = sorted(p for p in ckpt_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
+    return steps[-1] if steps else None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after ``step`` by a run that died before its next checkpoint."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _install_signal_handlers(handler):
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        pass
+    return previous
+
+
+def _restore_signal_handlers(previous) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, *, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def train(
+    config: TrainConfig,
+    train_data: torch.Tensor,
+    valid_data: torch.Tensor | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a VAE as ``config`` says; see :class:`Trainer`."""
+    return Trainer(config, train_data, valid_data, run_dir, resume=resume).fit()
