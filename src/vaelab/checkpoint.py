@@ -90,7 +90,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-# --- save / load -------------------------------------------------------------------------------------------------------
+# --- save / load ------------------------------------------------------------------------------------------------------
 def save_checkpoint(
     directory: Path,
     *,

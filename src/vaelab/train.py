@@ -9,6 +9,13 @@ on Ctrl-C / SIGTERM, and a stop naming the term and step when anything turns non
 On CPU, a run interrupted (even by SIGKILL) and resumed from its last checkpoint ends with weights bit-identical to an
 uninterrupted run with the same seed: every source of randomness is either a function of (seed, step) or an RNG whose
 state is in the checkpoint, and evaluation draws from a forked RNG so it never perturbs training.
+
+Distributed: the same code runs under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPU). Each rank takes an
+equal slice of every global batch (``batch_size`` is global), gradients are averaged across ranks with one all-reduce
+of the flattened gradient per step (the arithmetic of DistributedDataParallel; the objectives call ``encode`` and
+``decode`` directly, which DDP's forward hooks would not see), metrics are averaged across ranks, and only rank 0
+evaluates and writes files. Resume restores rank 0's RNG state on every rank, so a resumed multi-process run is
+statistically, not bitwise, the same as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -28,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vaelab.checkpoint import (
@@ -148,7 +157,9 @@ def build_model(config: TrainConfig, data_shape: Sequence[int]) -> VAE:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
@@ -168,7 +179,7 @@ class TrainResult:
     last_eval: dict[str, Any] | None
 
 
-# --- the trainer -------------------------------------------------------------------------------------------------------
+# --- the trainer ------------------------------------------------------------------------------------------------------
 class Trainer:
     """Owns the model, optimizer, schedules, data order and run directory. ``fit()`` runs to the end or to a signal.
 
@@ -204,6 +215,11 @@ class Trainer:
             )
         self.config = config
         self.device = resolve_device(config.device)
+        self.rank, self.world = _init_distributed(self.device)
+        if config.batch_size % self.world:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by the number of processes {self.world}"
+            )
         if train_data.ndim < 2 or train_data.shape[0] < 1:
             raise ValueError(f"train_data must be [N, *data_shape] with N >= 1, got {tuple(train_data.shape)}")
         self.train_data = train_data.to(self.device)
@@ -222,6 +238,10 @@ class Trainer:
         self.model = build_model(config, self.data_shape).to(self.device)
         if config.init_decoder_bias and config.likelihood in _BIAS_FROM_MEAN and resume_from is None:
             init_decoder_bias(self.model.decoder, self.train_data.mean(0).clamp(0, 1), config.likelihood)
+        if self.world > 1:
+            for tensor in self.model.state_dict().values():
+                dist.broadcast(tensor, src=0)  # identical start on every rank
+            torch.manual_seed(config.seed + 1_000_003 * self.rank)  # but independent noise per rank
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.objective = OBJECTIVES[config.objective]
         self.objective_options = dict(config.objective_options)
@@ -279,7 +299,7 @@ class Trainer:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(self.train_data.shape[0], generator=g).to(self.device))
         idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size]
-        x = self.train_data[idx]
+        x = self.train_data[idx[self.rank :: self.world]]  # this rank's share of the global batch
         return torch.bernoulli(x) if self.config.binarize else x
 
     def _lr(self, step: int) -> float:
@@ -299,10 +319,12 @@ class Trainer:
         except ValueError as err:
             raise TrainingDiverged(f"step {step}: the batch was rejected: {err}") from err
         loss = out.loss.mean()
-        if not bool(torch.isfinite(loss)):
+        if not _all_ranks(bool(torch.isfinite(loss)), self.world, self.device):
             raise TrainingDiverged(f"step {step}: {_non_finite_term(out)} is not finite (loss = {loss.item()})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            _average_gradients(self.model, self.world)
         if self.config.grad_clip is not None:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         else:
@@ -353,10 +375,11 @@ class Trainer:
     def fit(self) -> TrainResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
-        atomic_write_text(self.run_dir / "config.json", json.dumps(asdict(self.config), indent=2))
-        metrics = open(self.run_dir / "metrics.jsonl", "a")
+        if self.rank == 0:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(asdict(self.config), indent=2))
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else open(os.devnull, "w")
         previous = _install_signal_handlers(self._request_stop)
-        bar = _progress(self.total_steps, self.step, enabled=self.config.progress)
+        bar = _progress(self.total_steps, self.step, enabled=self.config.progress and self.rank == 0)
         sums: dict[str, torch.Tensor] = {}
         count, tick = 0, time.perf_counter()
         try:
@@ -366,9 +389,17 @@ class Trainer:
                     sums[key] = sums.get(key, 0) + value
                 count += 1
                 bar.update(1)
+                if self.world > 1 and not _all_ranks(self._stop is None, self.world, self.device):
+                    self._stop = self._stop or "a signal on another rank"
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
-                    line = {key: (value / count).item() for key, value in sums.items()}
+                    line = dict(
+                        zip(
+                            sums,
+                            _mean_over_ranks([v / count for v in sums.values()], self.world, self.device),
+                            strict=True,
+                        )
+                    )
                     line.update(
                         split="train",
                         step=self.step,
@@ -386,7 +417,7 @@ class Trainer:
                         sps=f"{line['samples_per_sec']:.0f}",
                     )
                     sums, count, tick = {}, 0, time.perf_counter()
-                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                if self.rank == 0 and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                     result = self.evaluate()
                     if result:
                         self.last_eval = result
@@ -394,16 +425,17 @@ class Trainer:
                         if result["elbo"] > self.best_elbo:
                             self.best_elbo = result["elbo"]
                             self.save("best")
-                if self.step % self.checkpoint_every == 0 or self.step == self.total_steps:
+                if self.rank == 0 and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
                     self.save()
             if self._stop is not None:
-                self.save()
+                if self.rank == 0:
+                    self.save()
                 print(
                     f"\nstopped by {self._stop} at step {self.step}; checkpoint saved in {self.ckpt_dir}. "
                     f"Resume with: vaelab train --resume --out {self.run_dir}",
                     file=sys.stderr,
                 )
-            else:
+            elif self.rank == 0:
                 self._write_final_weights()
         finally:
             bar.close()
@@ -424,6 +456,8 @@ class Trainer:
         self._stop = signal.Signals(signum).name
 
     def _log(self, metrics, line: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
         metrics.write(json.dumps(line) + "\n")
         metrics.flush()
         writer = self._writer()
@@ -441,6 +475,45 @@ class Trainer:
                 return None
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         return self._tb or None
+
+
+# --- distributed helpers (no-ops in a single process) ------------------------------------------------------------
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): joins the process group torchrun describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _all_ranks(flag: bool, world: int, device: torch.device) -> bool:
+    """True only if ``flag`` holds on every rank (so all ranks take the same branch)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)  # nccl reduces device tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _mean_over_ranks(values: list[torch.Tensor], world: int, device: torch.device) -> list[float]:
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked = stacked / world
+    return stacked.tolist()
 
 
 def _non_finite_term(out) -> str:
