@@ -14,6 +14,15 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
+# Fashion-MNIST comes from Debian (the default training data; no internet needed beyond the package mirror).
+fashion=/usr/share/datasets/fashion-mnist
+if [ ! -d "$fashion" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian's dataset-fashion-mnist into $fashion"
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+        || echo "[setup] warning: could not install dataset-fashion-mnist; Fashion-MNIST must then be found elsewhere"
+fi
+
 stamp="$VENV/.vaelab-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
