@@ -362,3 +362,11 @@ def test_reported_stderr_matches_spread_over_replicates(quantity):
     reported = result.stderr.reshape(reps, -1).mean(0)
     # the sample std of 3000 replicates is itself known to ~1.3% (more with heavier tails): allow 10%
     torch.testing.assert_close(reported, spread, rtol=0.1, atol=0)
+
+
+def test_pareto_threshold_follows_sample_size():
+    from vaelab.estimators import pareto_k_threshold
+
+    assert pareto_k_threshold(100) == pytest.approx(0.5)
+    assert pareto_k_threshold(1000) == pytest.approx(2 / 3)
+    assert pareto_k_threshold(5000) == pareto_k_threshold(10**6) == 0.7

@@ -106,8 +106,7 @@ def _check_image_shape(data_shape: Sequence[int]) -> tuple[torch.Size, int]:
     shape = _check_data_shape(data_shape)
     if len(shape) != 3 or shape[1] != shape[2] or shape[1] not in _CONV_HALVINGS:
         raise ValueError(
-            "conv nets need images (C, H, W) with H = W in "
-            f"{sorted(_CONV_HALVINGS)}, got data_shape {tuple(shape)}"
+            f"conv nets need images (C, H, W) with H = W in {sorted(_CONV_HALVINGS)}, got data_shape {tuple(shape)}"
         )
     return shape, _CONV_HALVINGS[shape[1]]
 
@@ -120,9 +119,7 @@ class ConvEncoder(nn.Module):
     n = 3, 4); a final ``Linear`` maps the flattened grid to the 2d posterior parameters.
     """
 
-    def __init__(
-        self, data_shape: Sequence[int], latent_dim: int, base_channels: int = 32, activation: str = "relu"
-    ):
+    def __init__(self, data_shape: Sequence[int], latent_dim: int, base_channels: int = 32, activation: str = "relu"):
         super().__init__()
         self.data_shape, halvings = _check_image_shape(data_shape)
         _check_size(latent_dim, "latent_dim")
@@ -137,9 +134,7 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != self.data_shape:
-            raise ValueError(
-                f"ConvEncoder expects [B, {', '.join(map(str, self.data_shape))}], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"ConvEncoder expects [B, {', '.join(map(str, self.data_shape))}], got {tuple(x.shape)}")
         return self.output_layer(self.body(x).flatten(1))  # (B, 2d)
 
 
@@ -151,9 +146,7 @@ class ConvDecoder(nn.Module):
     ``output_layer``, gives the C output channels with nothing after it. Its bias is per channel, ``[C]``.
     """
 
-    def __init__(
-        self, data_shape: Sequence[int], latent_dim: int, base_channels: int = 32, activation: str = "relu"
-    ):
+    def __init__(self, data_shape: Sequence[int], latent_dim: int, base_channels: int = 32, activation: str = "relu"):
         super().__init__()
         self.out_shape, halvings = _check_image_shape(data_shape)
         self.latent_dim = _check_size(latent_dim, "latent_dim")
@@ -340,8 +333,7 @@ def init_decoder_bias(decoder: nn.Module, pixel_mean: torch.Tensor, likelihood: 
     out_shape = getattr(decoder, "out_shape", None)
     if out_shape is not None and pixel_mean.shape != out_shape:
         raise ValueError(
-            f"pixel_mean must have the decoder's output shape {tuple(out_shape)}, "
-            f"got {tuple(pixel_mean.shape)}"
+            f"pixel_mean must have the decoder's output shape {tuple(out_shape)}, got {tuple(pixel_mean.shape)}"
         )
     if not bool(torch.isfinite(pixel_mean).all()):
         raise ValueError("pixel_mean contains NaN or inf")
@@ -350,9 +342,7 @@ def init_decoder_bias(decoder: nn.Module, pixel_mean: torch.Tensor, likelihood: 
     to_bias = _BIAS_FROM_MEAN[likelihood]
     bias = layer.bias
     # compute in the wider of the two dtypes, so a float64 decoder gets float64-accurate logits
-    dtype = (
-        torch.promote_types(pixel_mean.dtype, bias.dtype) if pixel_mean.is_floating_point() else bias.dtype
-    )
+    dtype = torch.promote_types(pixel_mean.dtype, bias.dtype) if pixel_mean.is_floating_point() else bias.dtype
     pixel_mean = pixel_mean.to(device=bias.device, dtype=dtype)
     if bias.shape == (pixel_mean.numel(),):  # one bias per output value (Linear)
         target = to_bias(pixel_mean.flatten())

@@ -1,0 +1,255 @@
+"""Checkpoints: an exact round trip of weights, optimizer state and RNG state; data only (no pickle); loud errors on
+damaged files; atomic writes that leave nothing behind; leftovers of a crashed save ignored.
+
+Everything runs on real files in ``tmp_path`` with a small MLP VAE (64 pixels, 4 latent dimensions), a few Adam steps
+so the optimizer holds non-trivial state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vaelab.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    restore_optimizer,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from vaelab.objectives import elbo_objective
+from vaelab.train import TrainConfig, build_model, latest_checkpoint
+
+DATA_DIM, LATENT_DIM, BATCH = 64, 4, 32
+FILES = ("model.safetensors", "state.safetensors", "state.json")
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------------------
+def small_config() -> TrainConfig:
+    return TrainConfig(architecture_options={"hidden": [32]}, latent_dim=LATENT_DIM, progress=False)
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    """Binary data ``[BATCH, DATA_DIM]`` from a random sigmoid belief net (fixed by ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 3 * torch.randn(LATENT_DIM, DATA_DIM, generator=g)
+    return torch.bernoulli(torch.sigmoid(torch.randn(BATCH, LATENT_DIM, generator=g) @ weights), generator=g)
+
+
+def adam_step(model, optimizer, x: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    elbo_objective(model, x, form="kl").loss.mean().backward()
+    optimizer.step()
+
+
+def trained(seed: int = 0, steps: int = 3):
+    """A model and its Adam optimizer after ``steps`` steps (so Adam holds step counts and both moments)."""
+    torch.manual_seed(seed)
+    model = build_model(small_config(), (DATA_DIM,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = batch()
+    for _ in range(steps):
+        adam_step(model, optimizer, x)
+    return model, optimizer
+
+
+def assert_same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    # hyper-parameters travel as JSON, where Adam's betas tuple becomes a list; Adam reads either the same way
+    assert json.loads(json.dumps(sa["param_groups"])) == json.loads(json.dumps(sb["param_groups"]))
+    assert sa["state"].keys() == sb["state"].keys()
+    for idx, entry in sa["state"].items():
+        assert entry.keys() == sb["state"][idx].keys()
+        for name, value in entry.items():
+            other = sb["state"][idx][name]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(value, other), (idx, name)
+            else:
+                assert value == other, (idx, name)
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    model, optimizer = trained()
+    return save_checkpoint(tmp_path / "step_00000003", model=model, optimizer=optimizer, meta={"step": 3})
+
+
+# --- round trip -------------------------------------------------------------------------------------------------------
+def test_round_trip_restores_weights_optimizer_and_rng_exactly(tmp_path):
+    model, optimizer = trained(seed=0)
+    meta = {"step": 3, "config": {"lr": 1e-3, "hidden": [32]}, "best_elbo": -12.5}
+    torch.manual_seed(1234)
+    torch.rand(7)  # move the global RNG somewhere that is neither a fresh seed nor the model's init
+    directory = save_checkpoint(tmp_path / "step_00000003", model=model, optimizer=optimizer, meta=meta)
+    after_save = torch.rand(10)  # what the RNG gives next, from the state the checkpoint holds
+
+    weights, tensors, loaded_meta = load_checkpoint(directory)
+    assert loaded_meta["step"] == 3 and loaded_meta["config"] == meta["config"] and loaded_meta["best_elbo"] == -12.5
+    assert loaded_meta["format_version"] == FORMAT_VERSION
+
+    # a different model and a fresh optimizer, then everything restored from the checkpoint
+    restored, restored_optimizer = trained(seed=1, steps=0)
+    restored.load_state_dict(weights)
+    restore_optimizer(restored_optimizer, tensors, loaded_meta)
+    for (name, p), (_, q) in zip(model.state_dict().items(), restored.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    assert_same_optimizer_state(optimizer, restored_optimizer)
+    set_rng_state(tensors)
+    assert torch.equal(torch.rand(10), after_save)
+
+    # the restored pair takes the same next step, bit for bit (same batch, same reparameterization noise)
+    x = batch(seed=5)
+    torch.manual_seed(99)
+    adam_step(model, optimizer, x)
+    torch.manual_seed(99)
+    adam_step(restored, restored_optimizer, x)
+    for (name, p), (_, q) in zip(model.state_dict().items(), restored.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    assert_same_optimizer_state(optimizer, restored_optimizer)
+
+
+def test_rng_state_round_trips_through_set_rng_state():
+    state = rng_state()
+    expected = torch.randn(5)
+    set_rng_state(state)
+    assert torch.equal(torch.randn(5), expected)
+
+
+def test_checkpoint_without_optimizer(tmp_path):
+    model, _ = trained(steps=0)
+    directory = save_checkpoint(tmp_path / "best", model=model, optimizer=None, meta={"step": 0})
+    weights, tensors, meta = load_checkpoint(directory)
+    assert "optimizer" not in meta and "rng.torch" in tensors
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_is_data_only(checkpoint):
+    """No pickle anywhere: safetensors for tensors, JSON for the rest, so loading never needs torch.load."""
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert files == sorted(FILES)
+    assert all(p.is_file() for p in checkpoint.iterdir())
+    for name in ("model.safetensors", "state.safetensors"):
+        with safe_open(checkpoint / name, framework="pt") as f:  # parses as safetensors: header + raw tensor bytes
+            assert len(list(f.keys())) > 0
+    json.loads((checkpoint / "state.json").read_text())
+    for path in checkpoint.iterdir():
+        head = path.read_bytes()[:2]
+        assert head != b"PK" and head[:1] != b"\x80", f"{path.name} looks like a torch.save zip or a pickle"
+
+
+def test_resaving_a_name_replaces_it_and_leaves_no_temporaries(tmp_path):
+    model, optimizer = trained()
+    save_checkpoint(tmp_path / "best", model=model, optimizer=optimizer, meta={"step": 3})
+    adam_step(model, optimizer, batch())
+    save_checkpoint(tmp_path / "best", model=model, optimizer=optimizer, meta={"step": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    weights, _, meta = load_checkpoint(tmp_path / "best")
+    assert meta["step"] == 4
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+# --- damaged checkpoints ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", FILES)
+def test_missing_file_raises_checkpoint_error_naming_it(checkpoint, name):
+    (checkpoint / name).unlink()
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        load_checkpoint(checkpoint)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def garble_json(path: Path) -> None:
+    path.write_text(path.read_text()[:-20])
+
+
+DAMAGE = [
+    pytest.param("model.safetensors", truncate, id="truncated-model"),
+    pytest.param("model.safetensors", lambda p: p.write_bytes(b""), id="empty-model"),
+    pytest.param("state.safetensors", truncate, id="truncated-state"),
+    pytest.param("state.json", garble_json, id="truncated-json"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage"), DAMAGE)
+def test_damaged_file_raises_checkpoint_error(checkpoint, name, damage):
+    damage(checkpoint / name)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint") as info:
+        load_checkpoint(checkpoint)
+    assert str(checkpoint) in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src bug: load_checkpoint reads the three files in one try block, so the error names the directory and "
+    "safetensors' message ('Error while deserializing header: ...') but not which file is damaged",
+)
+@pytest.mark.parametrize(("name", "damage"), DAMAGE)
+def test_damaged_file_error_names_the_file(checkpoint, name, damage):
+    damage(checkpoint / name)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        load_checkpoint(checkpoint)
+
+
+def test_unknown_format_version_raises(checkpoint):
+    meta = json.loads((checkpoint / "state.json").read_text())
+    meta["format_version"] = FORMAT_VERSION + 1
+    (checkpoint / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        load_checkpoint(checkpoint)
+
+
+def test_not_a_checkpoint_directory_raises(tmp_path):
+    with pytest.raises(CheckpointError, match="not a complete vaelab checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+# --- atomic writes and crashed saves ----------------------------------------------------------------------------------
+def test_atomic_write_text_replaces_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "latest.json"
+    atomic_write_text(target, '{"checkpoint": "step_00000010"}')
+    atomic_write_text(target, '{"checkpoint": "step_00000020"}')
+    assert json.loads(target.read_text()) == {"checkpoint": "step_00000020"}
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.json"]
+
+
+def test_latest_checkpoint_ignores_a_crashed_save(tmp_path):
+    """A save killed mid-way leaves ``.step_X.tmp``: never picked as the latest, cleared by the next save there."""
+    ckpt_dir = tmp_path / "checkpoints"
+    model, optimizer = trained()
+    good = save_checkpoint(ckpt_dir / "step_00000010", model=model, optimizer=optimizer, meta={"step": 10})
+    atomic_write_text(ckpt_dir / "latest.json", json.dumps({"checkpoint": good.name}))
+    crashed = ckpt_dir / ".step_00000020.tmp"  # what save_checkpoint leaves if killed before its rename
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"half a file")
+
+    assert latest_checkpoint(tmp_path) == good
+    (ckpt_dir / "latest.json").unlink()  # without the pointer: the highest complete step directory
+    assert latest_checkpoint(tmp_path) == good
+
+    adam_step(model, optimizer, batch())
+    save_checkpoint(ckpt_dir / "step_00000020", model=model, optimizer=optimizer, meta={"step": 20})
+    assert not crashed.exists()
+    assert latest_checkpoint(tmp_path) == ckpt_dir / "step_00000020"
+    assert load_checkpoint(latest_checkpoint(tmp_path))[2]["step"] == 20
+
+
+def test_latest_checkpoint_falls_back_when_the_pointer_is_stale(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    model, optimizer = trained()
+    for step in (10, 20):
+        save_checkpoint(ckpt_dir / f"step_{step:08d}", model=model, optimizer=optimizer, meta={"step": step})
+    atomic_write_text(ckpt_dir / "latest.json", json.dumps({"checkpoint": "step_00000030"}))  # pruned or never made
+    assert latest_checkpoint(tmp_path) == ckpt_dir / "step_00000020"
+    shutil.rmtree(ckpt_dir)
+    assert latest_checkpoint(tmp_path) is None
