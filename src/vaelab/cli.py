@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -49,8 +50,283 @@ def _add_check(sub) -> None:
     p.set_defaults(func=_cmd_check)
 
 
+# --- train ------------------------------------------------------------------------------------------------------
+def _config_flag_type(hint: str):
+    """argparse type for a TrainConfig field from its annotation string."""
+    if hint.startswith("dict"):
+        return _json_object
+    if "int" in hint and "None" in hint:
+        return _optional(int)
+    if "float" in hint and "None" in hint:
+        return _optional(float)
+    if "str" in hint and "None" in hint:
+        return _optional(str)
+    return {"int": int, "float": float, "str": str}[hint]
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"hidden\": [512, 256]}'")
+    return value
+
+
+def _add_train(sub) -> None:
+    import dataclasses
+
+    from vaelab.train import PRESETS, TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train a VAE (config file, preset and flags; flags win)",
+        description="Train a VAE. The config is built from the defaults, then --preset, then --config FILE.toml, "
+        "then the flags; the resolved config is printed and saved in the run directory. Ctrl-C or SIGTERM stops "
+        "cleanly with a checkpoint; --resume continues a run exactly where it stopped.",
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file of config fields (default: none)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named starting config (default: none)")
+    p.add_argument("--out", metavar="RUN_DIR", default="runs/vae", help="run directory (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    from vaelab.estimators import ELBO_FORMS
+    from vaelab.likelihoods import LIKELIHOODS
+    from vaelab.nets import ARCHITECTURES
+    from vaelab.objectives import OBJECTIVES
+    from vaelab.priors import PRIORS
+    from vaelab.schedules import SCHEDULES
+    from vaelab.train import LR_DECAYS
+
+    choices = {
+        "architecture": ARCHITECTURES,
+        "prior": PRIORS,
+        "likelihood": LIKELIHOODS,
+        "objective": OBJECTIVES,
+        "schedule": SCHEDULES,
+        "lr_decay": LR_DECAYS,
+        "form": ELBO_FORMS,
+    }
+    defaults = TrainConfig()
+    group = p.add_argument_group("config fields (each overrides --preset and --config)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.type == "bool":
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})"
+            )
+        else:
+            options = sorted(choices[f.name]) if f.name in choices else None
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type=_config_flag_type(f.type),
+                default=None,
+                choices=options,
+                metavar="{" + ",".join(options) + "}" if options else f.name.upper(),
+                help=f"(default: {json.dumps(default)})",
+            )
+    p.set_defaults(func=_cmd_train)
+
+
+def resolve_config(args: argparse.Namespace):
+    """defaults < preset < config file < flags."""
+    import dataclasses
+    import tomllib
+
+    from vaelab.train import PRESETS, TrainConfig
+
+    values: dict = {}
+    if args.preset:
+        values.update(PRESETS[args.preset])
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                from_file = tomllib.load(f)
+        except FileNotFoundError as err:
+            raise UserError(f"config file {args.config} not found") from err
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"config file {args.config} is not valid TOML: {err}") from err
+        preset = from_file.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise UserError(f"{args.config}: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+            values = {**PRESETS[preset], **values}
+        values.update(from_file)
+    for f in dataclasses.fields(TrainConfig):
+        flag = getattr(args, f.name, None)
+        if flag is not None:
+            values[f.name] = flag
+    return TrainConfig.from_dict(values)
+
+
+def _load_splits(config):
+    from vaelab.data import load_dataset
+
+    return load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        validation_size=config.validation_size,
+        seed=config.seed,
+        max_examples=config.max_examples,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from vaelab.checkpoint import load_checkpoint
+    from vaelab.train import TrainConfig, Trainer, latest_checkpoint
+
+    if args.resume:
+        checkpoint = latest_checkpoint(args.out)
+        if checkpoint is None:
+            raise UserError(f"--resume: no checkpoint in {args.out}/checkpoints")
+        config = TrainConfig.from_dict(load_checkpoint(checkpoint)[2]["config"])
+        print(f"resuming {args.out} from {checkpoint.name} (the saved config is used)")
+    else:
+        config = resolve_config(args)
+    print("config:\n" + json.dumps(dataclasses.asdict(config), indent=2))
+    splits = _load_splits(config)
+    print(
+        f"data: {splits.name} from {splits.source}: train {tuple(splits.train.shape)}, "
+        f"valid {tuple(splits.valid.shape)}, test {tuple(splits.test.shape)}"
+    )
+    valid = splits.valid if len(splits.valid) else None
+    trainer = Trainer(config, splits.train, valid, args.out, resume=args.resume)
+    result = trainer.fit()
+    if result.interrupted:
+        return 130 if result.interrupted == "SIGINT" else 143
+    summary = f"trained {result.step} steps; run directory {args.out}"
+    if result.last_eval:
+        k = config.eval_k
+        summary += (
+            f"; validation ELBO {result.last_eval['elbo']:.2f}, IWAE_{k} {result.last_eval[f'iwae_{k}']:.2f} nats"
+        )
+    print(summary)
+    return 0
+
+
+# --- eval / sample / reconstruct ------------------------------------------------------------------------------------
+def _load(run_dir: str):
+    from vaelab.checkpoint import CheckpointError
+    from vaelab.train import load_run, resolve_device
+
+    try:
+        return load_run(run_dir, device=resolve_device("auto"))
+    except CheckpointError as err:
+        raise UserError(str(err)) from err
+
+
+def _eval_data(run, split: str, examples: int | None, seed: int):
+    from vaelab.data import binarize_fixed
+
+    splits = _load_splits(run.config)
+    data = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
+    if len(data) == 0:
+        raise UserError(f"the {split} split of {splits.name} is empty")
+    if examples is not None:
+        data = data[:examples]
+    if run.config.binarize and not splits.binary:
+        data = binarize_fixed(data, seed=seed)  # the fixed-seed binarization of the evaluation protocol
+    device = next(run.model.parameters()).device
+    return data.to(device)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vaelab.evaluate import evaluate_model, format_evaluation
+
+    run = _load(args.run_dir)
+    x = _eval_data(run, args.split, args.examples, args.seed)
+    torch_seed(args.seed)
+    result = evaluate_model(run.model, x, k=args.k, batch_size=args.batch_size, progress=not args.no_progress)
+    result.update(run_dir=str(args.run_dir), split=args.split, weights=str(run.weights), seed=args.seed)
+    print(f"{args.run_dir} on {run.config.dataset} {args.split}:")
+    print(format_evaluation(result))
+    out = args.json or str(Path(args.run_dir) / f"eval_{args.split}.json")
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(f"results written to {out}")
+    return 0
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run: ELBO forms, IWAE bounds, log p(x), latent usage",
+        description="Evaluate a trained run on a data split: the three ELBO forms, IWAE bounds, "
+        "log p(x) by importance sampling (with ESS and Pareto k-hat), the posterior gap, active units "
+        "and KL per latent dimension. Binary models are evaluated on a fixed-seed binarization.",
+    )
+    p.add_argument("run_dir", help="a run directory written by vaelab train")
+    p.add_argument("--k", type=int, default=5000, help="importance samples for log p(x) (default: %(default)s)")
+    p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="(default: %(default)s)")
+    p.add_argument("--examples", type=int, default=None, help="evaluate the first N examples (default: all)")
+    p.add_argument("--batch-size", type=int, default=100, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="binarization and sampling seed (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", default=None, help="(default: RUN_DIR/eval_SPLIT.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from vaelab.plots import sample_images, save_grid
+
+    run = _load(args.run_dir)
+    torch_seed(args.seed)
+    out = args.out or str(Path(args.run_dir) / "samples.png")
+    save_grid(out, sample_images(run.model, args.n), run.model.data_shape)
+    print(f"{args.n} samples from the prior written to {out}")
+    return 0
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from vaelab.plots import reconstruction_pairs, save_grid
+
+    run = _load(args.run_dir)
+    x = _eval_data(run, "test", args.n, args.seed)
+    out = args.out or str(Path(args.run_dir) / "reconstructions.png")
+    save_grid(out, reconstruction_pairs(run.model, x), run.model.data_shape, ncol=len(x))
+    print(f"{len(x)} test images (top row) and their reconstructions (bottom row) written to {out}")
+    return 0
+
+
+def _add_pictures(sub) -> None:
+    p = sub.add_parser("sample", help="image grid of samples from the prior")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE.png", default=None, help="(default: RUN_DIR/samples.png)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.set_defaults(func=_cmd_sample)
+    p = sub.add_parser("reconstruct", help="test images beside their reconstructions")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=16, help="number of test images (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE.png", default=None, help="(default: RUN_DIR/reconstructions.png)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.set_defaults(func=_cmd_reconstruct)
+
+
 # Registry of subcommands: name -> function adding its parser.
-COMMANDS: dict[str, Callable] = {"check": _add_check}
+COMMANDS: dict[str, Callable] = {
+    "check": _add_check,
+    "train": _add_train,
+    "eval": _add_eval,
+    "sample/reconstruct": _add_pictures,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vaelab.train import TrainingDiverged
+
     try:
         return args.func(args)
-    except (UserError, ValueError, FileNotFoundError, PermissionError) as err:
+    except (UserError, ValueError, FileNotFoundError, PermissionError, TrainingDiverged) as err:
         if args.debug:
             raise
         print(f"vaelab {args.command}: error: {err}", file=sys.stderr)

@@ -60,6 +60,11 @@ from vaelab.schedules import SCHEDULES, make_schedule
 class TrainConfig:
     """Everything that defines a run. Saved as JSON in the run directory and inside every checkpoint."""
 
+    # data (read by the command line and load_run; the Trainer itself is handed tensors)
+    dataset: str = "mnist"  # a name in vaelab.data.DATASETS, or a path to .npz/.npy/an image folder
+    data_dir: str | None = None  # where to look first (else VAELAB_DATA_DIR, the cache, system copies)
+    validation_size: int = 10000  # examples carved from train (fixed seed) for validation
+    max_examples: int | None = None  # truncate every split (quick runs)
     # model
     architecture: str = "mlp"  # key of vaelab.nets.ARCHITECTURES
     architecture_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden": [512, 256]}
@@ -115,7 +120,13 @@ class TrainConfig:
         for name in ("epochs",):
             if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_examples"):
+        if (
+            isinstance(self.validation_size, bool)
+            or not isinstance(self.validation_size, int)
+            or self.validation_size < 0
+        ):
+            raise ValueError(f"validation_size must be an integer >= 0, got {self.validation_size!r}")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_examples", "max_examples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
@@ -169,6 +180,21 @@ def resolve_device(name: str) -> torch.device:
 # --- errors and results ----------------------------------------------------------------------------------------------
 class TrainingDiverged(RuntimeError):
     """A non-finite value appeared; the message names the term and the step. Checkpoints already written are intact."""
+
+
+# Named starting points for a config (the command line's --preset); fields not named keep their defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mlp": {"architecture": "mlp", "latent_dim": 32, "binarize": True},
+    "iwae-1layer": {
+        "architecture": "iwae-1layer",
+        "latent_dim": 50,
+        "likelihood": "bernoulli",
+        "binarize": True,
+        "validation_size": 0,
+        "batch_size": 100,
+    },
+    "conv": {"architecture": "conv", "latent_dim": 32, "binarize": True, "architecture_options": {"base_channels": 32}},
+}
 
 
 @dataclass
@@ -377,6 +403,7 @@ class Trainer:
         self.ckpt_dir.mkdir(exist_ok=True)
         if self.rank == 0:
             atomic_write_text(self.run_dir / "config.json", json.dumps(asdict(self.config), indent=2))
+            atomic_write_text(self.run_dir / "data_shape.json", json.dumps(list(self.data_shape)))
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else open(os.devnull, "w")
         previous = _install_signal_handlers(self._request_stop)
         bar = _progress(self.total_steps, self.step, enabled=self.config.progress and self.rank == 0)
@@ -589,3 +616,73 @@ def train(
 ) -> TrainResult:
     """Train a VAE as ``config`` says; see :class:`Trainer`."""
     return Trainer(config, train_data, valid_data, run_dir, resume=resume).fit()
+
+
+# --- a finished (or interrupted) run, rebuilt from its directory alone ----------------------------------------------
+@dataclass
+class Run:
+    """A run directory loaded back: the config, the model with its weights, and the metrics written so far."""
+
+    run_dir: Path
+    config: TrainConfig
+    model: nn.Module
+    metrics: list[dict[str, Any]]
+    weights: Path  # the file the weights came from
+    step: int | None  # the checkpoint's step (None for the final weights)
+
+
+def load_run(run_dir: str | Path, *, which: str = "final", device: str | torch.device = "cpu") -> Run:
+    """Rebuild a run's model from its directory: config.json + weights (safetensors; nothing is unpickled).
+
+    Args:
+        which: "final" (model.safetensors, written when training ends; falls back to the latest checkpoint),
+            "best" (the checkpoint with the best validation ELBO) or "latest" (the newest step checkpoint).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a vaelab run directory: config.json is missing")
+    try:
+        config = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"{config_path} is not a valid vaelab config: {err}") from err
+    step = None
+    if which == "final" and (run_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        weights_path = run_dir / "model.safetensors"
+        try:
+            weights = load_file(weights_path)
+        except Exception as err:  # safetensors raises its own error types on a damaged file
+            raise CheckpointError(f"cannot read {weights_path}: {err}") from err
+        data_shape = _data_shape_from_checkpoints(run_dir)
+    else:
+        directory = run_dir / "checkpoints" / "best" if which == "best" else latest_checkpoint(run_dir)
+        if which not in ("final", "best", "latest"):
+            raise ValueError(f"which must be 'final', 'best' or 'latest', got {which!r}")
+        if directory is None or not directory.is_dir():
+            raise CheckpointError(f"{run_dir} has no {which} checkpoint")
+        weights, _, meta = load_checkpoint(directory)
+        weights_path, step, data_shape = directory / "model.safetensors", meta["step"], meta["data_shape"]
+    model = build_model(config, data_shape)
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = (
+        [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if metrics_path.is_file()
+        else []
+    )
+    return Run(run_dir=run_dir, config=config, model=model, metrics=metrics, weights=weights_path, step=step)
+
+
+def _data_shape_from_checkpoints(run_dir: Path) -> list[int]:
+    shape_file = run_dir / "data_shape.json"
+    if shape_file.is_file():
+        return json.loads(shape_file.read_text())
+    directory = latest_checkpoint(run_dir)
+    if directory is None:
+        raise CheckpointError(f"{run_dir}: cannot tell the data shape (no data_shape.json, no checkpoint)")
+    return load_checkpoint(directory)[2]["data_shape"]
