@@ -139,14 +139,17 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     for name in ("model.safetensors", "state.safetensors", "state.json"):
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory} is not a complete vaelab checkpoint: {name} is missing")
-    try:
-        meta = json.loads((directory / "state.json").read_text())
-        weights = load_file(directory / "model.safetensors")
-        tensors = load_file(directory / "state.safetensors")
-    except (OSError, ValueError, RuntimeError) as err:  # safetensors raises its own error types on corruption
-        raise CheckpointError(f"cannot read checkpoint {directory}: {err}") from err
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {directory}: {err}") from err
+    loaded = {}
+    for name, read in (
+        ("state.json", lambda path: json.loads(path.read_text())),
+        ("model.safetensors", load_file),
+        ("state.safetensors", load_file),
+    ):
+        try:
+            loaded[name] = read(directory / name)
+        except Exception as err:  # safetensors raises its own error types on a damaged file
+            raise CheckpointError(f"cannot read checkpoint {directory}: {name} is damaged ({err})") from err
+    meta, weights, tensors = loaded["state.json"], loaded["model.safetensors"], loaded["state.safetensors"]
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: unknown checkpoint format {meta.get('format_version')!r}")
     return weights, tensors, meta

@@ -104,10 +104,10 @@ def _add_train(sub) -> None:
     from vaelab.objectives import OBJECTIVES
     from vaelab.priors import PRIORS
     from vaelab.schedules import SCHEDULES
-    from vaelab.train import LR_DECAYS
+    from vaelab.train import HIERARCHICAL, LR_DECAYS
 
     choices = {
-        "architecture": ARCHITECTURES,
+        "architecture": {**ARCHITECTURES, **HIERARCHICAL},
         "prior": PRIORS,
         "likelihood": LIKELIHOODS,
         "objective": OBJECTIVES,
@@ -120,7 +120,7 @@ def _add_train(sub) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})"
             )
@@ -181,6 +181,17 @@ def _load_splits(config):
     )
 
 
+def _auto_dataset(data_dir) -> str:
+    """MNIST if a copy is found anywhere vaelab looks (never downloads), else Fashion-MNIST."""
+    from vaelab.data import DataError, find_dataset
+
+    try:
+        find_dataset("mnist", data_dir)
+        return "mnist"
+    except DataError:
+        return "fashion-mnist"
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -195,6 +206,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"resuming {args.out} from {checkpoint.name} (the saved config is used)")
     else:
         config = resolve_config(args)
+        if config.dataset == "auto":
+            config = dataclasses.replace(config, dataset=_auto_dataset(config.data_dir))
     print("config:\n" + json.dumps(dataclasses.asdict(config), indent=2))
     splits = _load_splits(config)
     print(
@@ -236,7 +249,7 @@ def _eval_data(run, split: str, examples: int | None, seed: int):
         raise UserError(f"the {split} split of {splits.name} is empty")
     if examples is not None:
         data = data[:examples]
-    if run.config.binarize and not splits.binary:
+    if run.config.binarizes and not splits.binary:
         data = binarize_fixed(data, seed=seed)  # the fixed-seed binarization of the evaluation protocol
     device = next(run.model.parameters()).device
     return data.to(device)

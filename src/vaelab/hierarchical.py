@@ -14,6 +14,7 @@ registered KL: the estimators fall back to Monte Carlo (log q(z) - log p(z) on t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class TwoLayerChain(Distribution):
         root_layer: 0 if the root is z1 (inference chain), 1 if it is z2 (generative chain).
     """
 
-    arg_constraints: dict[str, constraints.Constraint] = {}  # noqa: RUF012 -- torch's class-attribute convention
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}  # no parameters to validate
     support = constraints.independent(constraints.real, 1)
     has_rsample = True
 
@@ -133,7 +134,7 @@ class HierarchicalVAE(nn.Module):
 
     def __init__(self, nets: Mapping[str, nn.Module], likelihood: Likelihood, latent_dims: Sequence[int] = (100, 50)):
         super().__init__()
-        if not isinstance(nets, Mapping) or not all(isinstance(net, nn.Module) for net in nets.values()):
+        if not isinstance(nets, nn.ModuleDict | Mapping) or not all(isinstance(n, nn.Module) for n in nets.values()):
             raise ValueError(f"nets must map names to nn.Modules, got {type(nets).__name__}")
         if set(nets) != set(NET_NAMES):
             raise ValueError(
@@ -171,9 +172,7 @@ class HierarchicalVAE(nn.Module):
     def q_z1_given_x(self, x: torch.Tensor) -> Distribution:
         """q(z1 | x): batch ``[B]``, event ``[d1]``."""
         if x.ndim != 1 + len(self.data_shape) or x.shape[1:] != self.data_shape:
-            raise ValueError(
-                f"x must have shape [B, {', '.join(map(str, self.data_shape))}], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.data_shape))}], got {tuple(x.shape)}")
         params = self.nets["q_z1_x"](x)  # (B, 2 d1)
         d1 = self.latent_dims[0]
         if params.shape != (x.shape[0], 2 * d1):

@@ -48,6 +48,7 @@ from vaelab.checkpoint import (
     set_rng_state,
 )
 from vaelab.estimators import elbo_parts, log_marginal
+from vaelab.hierarchical import HierarchicalVAE
 from vaelab.likelihoods import LIKELIHOODS
 from vaelab.models import VAE
 from vaelab.nets import _BIAS_FROM_MEAN, ARCHITECTURES, init_decoder_bias
@@ -61,7 +62,8 @@ class TrainConfig:
     """Everything that defines a run. Saved as JSON in the run directory and inside every checkpoint."""
 
     # data (read by the command line and load_run; the Trainer itself is handed tensors)
-    dataset: str = "mnist"  # a name in vaelab.data.DATASETS, or a path to .npz/.npy/an image folder
+    dataset: str = "auto"  # a name in vaelab.data.DATASETS, a path (.npz/.npy/image folder), or "auto":
+    # MNIST wherever a copy is found, else Fashion-MNIST (which Debian's dataset-fashion-mnist provides offline)
     data_dir: str | None = None  # where to look first (else VAELAB_DATA_DIR, the cache, system copies)
     validation_size: int = 10000  # examples carved from train (fixed seed) for validation
     max_examples: int | None = None  # truncate every split (quick runs)
@@ -87,7 +89,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_decay: str = "none"  # "none" or "cosine" (to 0 at the last step)
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
-    binarize: bool = False  # dynamic binarization: a fresh Bernoulli draw of every batch
+    binarize: bool | None = None  # dynamic binarization (a fresh Bernoulli draw of every batch); None: iff Bernoulli
     # evaluation and bookkeeping
     seed: int = 0
     log_every: int = 50  # steps between train metric lines
@@ -105,7 +107,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name, registry in (
-            ("architecture", ARCHITECTURES),
+            ("architecture", {**ARCHITECTURES, **HIERARCHICAL}),
             ("prior", PRIORS),
             ("likelihood", LIKELIHOODS),
             ("objective", OBJECTIVES),
@@ -137,6 +139,11 @@ class TrainConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
+    @property
+    def binarizes(self) -> bool:
+        """Whether batches are binarized: as set, or by default exactly when the likelihood is Bernoulli."""
+        return self.likelihood == "bernoulli" if self.binarize is None else self.binarize
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -153,8 +160,16 @@ LR_DECAYS = {
 
 
 # --- building a model from a config --------------------------------------------------------------------------------
-def build_model(config: TrainConfig, data_shape: Sequence[int]) -> VAE:
-    """The VAE a config describes, for data of shape ``data_shape`` (weights freshly initialised)."""
+# Architectures that are whole models rather than (encoder, decoder) pairs: name -> builder(config, data_shape).
+HIERARCHICAL = {
+    "iwae-2layer": lambda config, data_shape: HierarchicalVAE.iwae_2layer(tuple(data_shape), config.likelihood),
+}
+
+
+def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:
+    """The model a config describes, for data of shape ``data_shape`` (weights freshly initialised)."""
+    if config.architecture in HIERARCHICAL:
+        return HIERARCHICAL[config.architecture](config, data_shape)
     encoder, decoder = ARCHITECTURES[config.architecture](
         tuple(data_shape), config.latent_dim, **config.architecture_options
     )
@@ -187,6 +202,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mlp": {"architecture": "mlp", "latent_dim": 32, "binarize": True},
     "iwae-1layer": {
         "architecture": "iwae-1layer",
+        "latent_dim": 50,
+        "likelihood": "bernoulli",
+        "binarize": True,
+        "validation_size": 0,
+        "batch_size": 100,
+    },
+    "iwae-2layer": {
+        "architecture": "iwae-2layer",
         "latent_dim": 50,
         "likelihood": "bernoulli",
         "binarize": True,
@@ -263,7 +286,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.data_shape).to(self.device)
         if config.init_decoder_bias and config.likelihood in _BIAS_FROM_MEAN and resume_from is None:
-            init_decoder_bias(self.model.decoder, self.train_data.mean(0).clamp(0, 1), config.likelihood)
+            init_decoder_bias(_output_net(self.model), self.train_data.mean(0).clamp(0, 1), config.likelihood)
         if self.world > 1:
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical start on every rank
@@ -326,7 +349,14 @@ class Trainer:
             self._perm = (epoch, torch.randperm(self.train_data.shape[0], generator=g).to(self.device))
         idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size]
         x = self.train_data[idx[self.rank :: self.world]]  # this rank's share of the global batch
-        return torch.bernoulli(x) if self.config.binarize else x
+        if not self.config.binarizes:
+            return x
+        if not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails both comparisons
+            raise TrainingDiverged(
+                f"step {step}: the batch was rejected: x contains NaN or value(s) outside [0, 1] "
+                "and cannot be binarized"
+            )
+        return torch.bernoulli(x)
 
     def _lr(self, step: int) -> float:
         return self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
@@ -376,7 +406,7 @@ class Trainer:
         if self.config.eval_examples is not None:
             data = data[: self.config.eval_examples]
         g = torch.Generator().manual_seed(self.config.seed + 7919)  # fixed binarization of the evaluation set
-        if self.config.binarize:
+        if self.config.binarizes:
             data = torch.bernoulli(data.cpu(), generator=g).to(self.device)
         elbos, iwaes = [], []
         devices = [self.device] if self.device.type == "cuda" else []
@@ -404,7 +434,10 @@ class Trainer:
         if self.rank == 0:
             atomic_write_text(self.run_dir / "config.json", json.dumps(asdict(self.config), indent=2))
             atomic_write_text(self.run_dir / "data_shape.json", json.dumps(list(self.data_shape)))
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else open(os.devnull, "w")
+        if self.rank == 0 and self.step == 0:  # a fresh run: drop what a run that died before its first checkpoint left
+            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        mode = "a" if self.step > 0 else "w"
+        metrics = open(self.run_dir / "metrics.jsonl", mode) if self.rank == 0 else open(os.devnull, "w")
         previous = _install_signal_handlers(self._request_stop)
         bar = _progress(self.total_steps, self.step, enabled=self.config.progress and self.rank == 0)
         sums: dict[str, torch.Tensor] = {}
@@ -502,6 +535,11 @@ class Trainer:
                 return None
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         return self._tb or None
+
+
+def _output_net(model: nn.Module) -> nn.Module:
+    """The network whose last layer produces the likelihood's parameters."""
+    return model.nets["p_x_z1"] if isinstance(model, HierarchicalVAE) else model.decoder
 
 
 # --- distributed helpers (no-ops in a single process) ------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""The command line end to end, as a user runs it: real processes, real MNIST files, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = BESIDE if BESIDE.is_dir() else Path("/work/shared/data")
+needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found in {DATA}")
+
+
+def vaelab(*args, env=None, timeout=300, check=False):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaelab", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def data_env(**extra) -> dict:
+    env = dict(os.environ, VAELAB_DATA_DIR=str(DATA), VAELAB_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+SMALL = [
+    "--preset",
+    "mlp",
+    "--dataset",
+    "mnist",
+    "--max-examples",
+    "400",
+    "--batch-size",
+    "50",
+    "--architecture-options",
+    '{"hidden": [64]}',
+    "--latent-dim",
+    "4",
+    "--eval-k",
+    "20",
+    "--no-progress",
+]
+
+
+@needs_mnist
+def test_train_interrupt_resume_eval_sample(tmp_path):
+    run = tmp_path / "run"
+    env = data_env()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vaelab",
+        "train",
+        *SMALL,
+        "--epochs",
+        "200",
+        "--checkpoint-every",
+        "4",
+        "--eval-every",
+        "40",
+        "--out",
+        str(run),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list((run / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "--resume" in err and "Traceback" not in err
+    stopped_at = json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    assert not (run / "model.safetensors").exists()  # not finished
+
+    # resume to the end (a shorter run: the saved config says 200 epochs, so cap it by rewriting nothing:
+    # resume honours the saved config exactly, so this finishes the 200 epochs of 8 steps)
+    done = vaelab("train", "--resume", "--out", run, env=env, timeout=600, check=True)
+    assert "resuming" in done.stdout and "trained 1600 steps" in done.stdout
+    assert (run / "model.safetensors").is_file()
+    assert stopped_at < json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    steps = [(m["split"], m["step"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert len(steps) == len(set(steps))
+
+    report = tmp_path / "eval.json"
+    vaelab("eval", run, "--k", "100", "--examples", "40", "--json", report, "--no-progress", env=env, check=True)
+    result = json.loads(report.read_text())
+    assert result["examples"] == 40 and result["log_px"]["k"] == 100
+    assert set(result["elbo"]) == {"joint", "entropy", "kl"}
+    iwae = [result["iwae"][k]["mean"] for k in ("1", "10", "100", "1000")]
+    assert iwae[0] < iwae[-1]  # the bound tightens with k
+    assert result["log_px"]["mean"] > result["elbo"]["kl"]["mean"]
+    assert 0 <= result["active_units"] <= 4 and len(result["kl_per_dim"]) == 4
+
+    vaelab("sample", run, "--n", "16", env=env, check=True)
+    vaelab("reconstruct", run, "--n", "8", env=env, check=True)
+    from matplotlib.image import imread
+
+    samples, recon = imread(run / "samples.png"), imread(run / "reconstructions.png")
+    assert samples.shape[0] == samples.shape[1] == 4 * 28 + 5 * 2  # a 4x4 grid with 2-pixel padding
+    assert recon.shape[:2] == (2 * 28 + 3 * 2, 8 * 28 + 9 * 2)
+
+
+@needs_mnist
+def test_config_file_preset_and_flags_precedence(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('preset = "mlp"\nlatent_dim = 8\nlr = 0.002\n[architecture_options]\nhidden = [32]\n')
+    run = tmp_path / "run"
+    proc = vaelab(
+        "train",
+        "--config",
+        config,
+        "--latent-dim",
+        "3",
+        "--dataset",
+        "mnist",
+        "--max-examples",
+        "100",
+        "--max-steps",
+        "2",
+        "--out",
+        run,
+        "--no-progress",
+        env=data_env(),
+        check=True,
+    )
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["latent_dim"] == 3  # flag beats file
+    assert saved["lr"] == 0.002 and saved["architecture_options"] == {"hidden": [32]}  # file beats preset/defaults
+    assert saved["binarize"] is True  # from the preset named in the file
+    assert '"latent_dim": 3' in proc.stdout  # the resolved config is printed
+
+
+def test_auto_dataset_falls_back_to_fashion_mnist(tmp_path):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    env = data_env(VAELAB_DATA_DIR=str(tmp_path), XDG_CACHE_HOME=str(tmp_path), HOME=str(tmp_path))
+    run = tmp_path / "run"
+    proc = vaelab("train", "--max-examples", "100", "--max-steps", "1", "--out", run, "--no-progress", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text())["dataset"] == "fashion-mnist"
+
+
+def test_offline_error_names_the_files_and_places(tmp_path):
+    env = data_env(VAELAB_DATA_DIR=str(tmp_path), XDG_CACHE_HOME=str(tmp_path), HOME=str(tmp_path))
+    proc = vaelab("train", "--dataset", "binarized-mnist", "--out", tmp_path / "run", env=env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "binarized_mnist_train.amat" in proc.stderr and str(tmp_path) in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--epochs", "-1"], "epochs must be >= 0"),
+        (["train", "--k", "0"], "k must be an integer >= 1"),
+        (["train", "--objective", "nope"], "invalid choice"),
+        (["train", "--architecture-options", "[1]"], "expected a JSON object"),
+        (["train", "--config", "/nonexistent.toml"], "not found"),
+        (["eval", "/nonexistent-run"], "not a directory"),
+        (["sample", "."], "config.json is missing"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args, message, tmp_path):
+    proc = vaelab(*args, env=data_env(), timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback():
+    proc = vaelab("--debug", "eval", "/nonexistent-run", timeout=60)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_help_states_defaults():
+    proc = vaelab("train", "--help", check=True)
+    assert "(default: 100)" in proc.stdout  # batch size
+    assert "iwae-1layer" in proc.stdout
