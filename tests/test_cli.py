@@ -191,13 +191,12 @@ def test_help_states_defaults():
 def test_load_run_from_python_rebuilds_the_model(tmp_path):
     import torch
 
-    import vaelab
+    import vaelab as vl
 
     run_dir = tmp_path / "run"
-    vaelab_args = ["train", *SMALL, "--max-steps", "3", "--out", run_dir]
-    vaelab(*vaelab_args, env=data_env(), check=True)
-    run = vaelab.load_run(run_dir)
+    vaelab("train", *SMALL, "--max-steps", "3", "--out", run_dir, env=data_env(), check=True)
+    run = vl.load_run(run_dir)
     assert run.config.dataset == "mnist" and run.config.latent_dim == 4
     assert [m["step"] for m in run.metrics if m["split"] == "train"][-1] == 3
     x = torch.bernoulli(torch.full((2, 1, 28, 28), 0.3))
-    assert vaelab.elbo(run.model, x).shape == (2,)
+    assert vl.elbo(run.model, x).shape == (2,)
