@@ -62,4 +62,12 @@ def _kl_full_diagonal(p: MultivariateNormal, q: Independent) -> torch.Tensor:
     return kl_divergence(p, as_multivariate_normal(q))
 
 
+def distribution_mean(dist: Distribution, samples: int = 256) -> torch.Tensor:
+    """E[z] of a distribution: exact where torch knows it, else the mean of ``samples`` draws (e.g. hierarchical q)."""
+    try:
+        return dist.mean
+    except NotImplementedError:
+        return dist.sample((samples,)).mean(0)
+
+
 POSTERIORS: dict[str, type[nn.Module]] = {"diagonal-gaussian": DiagonalGaussian}
