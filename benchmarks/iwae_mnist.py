@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from vaelab.data import binarize_fixed, load_dataset
 
 import vaelab
+from vaelab.data import binarize_fixed, load_dataset
 from vaelab.train import TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
             eval_every=10**9,  # no validation set here: test is evaluated once, at the end
             checkpoint_every=10**9,
             keep_last=1,
+            progress=False,  # a results log, not a terminal: timings are printed at the end
         )
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(config, train_x, None, run_dir)
