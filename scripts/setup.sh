@@ -23,6 +23,15 @@ if [ ! -d "$fashion" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0
         || echo "[setup] warning: could not install dataset-fashion-mnist; Fashion-MNIST must then be found elsewhere"
 fi
 
+# Headless Chromium and its driver: the HTML report's test opens the report in a real browser.
+if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian's chromium and chromium-driver (for the report test)"
+    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+        || echo "[setup] warning: could not install chromium; the browser test will be skipped"
+fi
+
 stamp="$VENV/.vaelab-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
