@@ -9,6 +9,7 @@ import torch
 from matplotlib.image import imread
 from torch import nn
 
+from tiny import bars, tiny_run
 from vaelab.hierarchical import HierarchicalVAE
 from vaelab.likelihoods import BernoulliLikelihood
 from vaelab.plots import (
@@ -31,43 +32,11 @@ from vaelab.plots import (
     training_curves_figure,
     traversal_figure,
 )
-from vaelab.train import TrainConfig, Trainer, load_run
-
-
-def bars(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` binary 8x8 images ``[n, 1, 8, 8]`` of four classes (a bright band at rows 2c, 2c+1) and their labels."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    templates = torch.full((4, 1, 8, 8), 0.05)
-    for c in range(4):
-        templates[c, 0, 2 * c : 2 * c + 2, :] = 0.95
-    return torch.bernoulli(templates[labels], generator=g), labels
-
-
-def tiny_run(run_dir, latent_dim: int):
-    """A tiny MLP VAE trained for 50 steps (about 2 s on one thread), loaded back as a :class:`vaelab.train.Run`."""
-    x, _ = bars(240)
-    config = TrainConfig(
-        dataset="synthetic",
-        latent_dim=latent_dim,
-        architecture_options={"hidden": [32]},
-        batch_size=20,
-        max_steps=50,
-        epochs=5,
-        log_every=10,
-        eval_every=25,
-        eval_k=10,
-        eval_examples=40,
-        validation_size=0,
-        progress=False,
-    )
-    Trainer(config, x[:200], x[200:], run_dir).fit()
-    return load_run(run_dir)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["d2", "d4"])
 def run(request, tmp_path_factory, one_thread):
-    return tiny_run(tmp_path_factory.mktemp(f"run_d{request.param}"), request.param)
+    return tiny_run(tmp_path_factory.mktemp(f"run_d{request.param}"), latent_dim=request.param)
 
 
 @pytest.fixture(scope="module")

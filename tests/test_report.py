@@ -13,46 +13,20 @@ import pytest
 import torch
 
 import vaelab.evaluate as evaluate
+from tiny import bars, tiny_run
 from vaelab.cli import main
 from vaelab.plots import draw_pictures
 from vaelab.report import EXPLAIN, render_report, write_report
-from vaelab.train import TrainConfig, Trainer, load_run
+from vaelab.train import load_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 EVIL = "<script>alert('config')</script> & \"quoted\""
 
 
-def bars(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` binary 8x8 images ``[n, 1, 8, 8]`` of four classes (a bright band at rows 2c, 2c+1) and their labels."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    templates = torch.full((4, 1, 8, 8), 0.05)
-    for c in range(4):
-        templates[c, 0, 2 * c : 2 * c + 2, :] = 0.95
-    return torch.bernoulli(templates[labels], generator=g), labels
-
-
 def train_tiny(run_dir: Path, dataset: str, *, latent_dim: int = 2, data_dir: str | None = None):
     """30 steps of a tiny MLP VAE on the bars; returns the run loaded back from its directory."""
-    x, _ = bars(200)
-    config = TrainConfig(
-        dataset=dataset,
-        data_dir=data_dir,
-        latent_dim=latent_dim,
-        architecture_options={"hidden": [32]},
-        batch_size=20,
-        max_steps=30,
-        epochs=3,
-        log_every=10,
-        eval_every=15,
-        eval_k=10,
-        eval_examples=40,
-        validation_size=0,
-        progress=False,
-    )
-    Trainer(config, x[:160], x[160:], run_dir).fit()
-    return load_run(run_dir)
+    return tiny_run(run_dir, latent_dim=latent_dim, steps=30, examples=200, dataset=dataset, data_dir=data_dir)
 
 
 def run_diagnostics(model, x: torch.Tensor) -> dict:
