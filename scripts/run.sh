@@ -20,7 +20,7 @@ elif [ -d "$RUN_DIR/checkpoints" ]; then
 else
     $VAELAB train --preset mlp --epochs 15 --out "$RUN_DIR" "$@"
 fi
-$VAELAB eval "$RUN_DIR" --k 5000 --examples 1000
+$VAELAB eval "$RUN_DIR" --k 5000 --examples 1000 --fast   # without --fast: the full diagnostics (slower)
 $VAELAB sample "$RUN_DIR" --n 64
 $VAELAB reconstruct "$RUN_DIR" --n 16
 echo "[run] done: $RUN_DIR/{eval_test.json,samples.png,reconstructions.png,metrics.jsonl,tensorboard/}"

@@ -99,6 +99,13 @@ def test_train_interrupt_resume_eval_sample(tmp_path):
     assert iwae[0] < iwae[-1]  # the bound tightens with k
     assert result["log_px"]["mean"] > result["elbo"]["kl"]["mean"]
     assert 0 <= result["active_units"] <= 4 and len(result["kl_per_dim"]) == 4
+    for key in ("approximation_gap", "amortization_gap", "iwae_curve", "estimator_study", "elbo_forms"):
+        assert key in result, key  # the full diagnostics, unless --fast
+    gaps = result["approximation_gap"]["mean"] + result["amortization_gap"]["mean"]
+    assert abs(gaps - result["posterior_gap"]["mean"]) < 1e-6
+    fast = tmp_path / "fast.json"
+    vaelab("eval", run, "--k", "50", "--examples", "10", "--fast", "--json", fast, "--no-progress", env=env, check=True)
+    assert "approximation_gap" not in json.loads(fast.read_text())
 
     vaelab("sample", run, "--n", "16", env=env, check=True)
     vaelab("reconstruct", run, "--n", "8", env=env, check=True)

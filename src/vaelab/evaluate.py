@@ -172,6 +172,9 @@ def format_evaluation(result: dict[str, Any]) -> str:
     )
     gap = result["posterior_gap"]
     lines.append(f"  posterior gap log p(x) - ELBO  {gap['mean']:10.3f} ± {gap['sem']:.3f}")
+    for key, label in (("approximation_gap", "approximation"), ("amortization_gap", "amortization")):
+        if key in result:
+            lines.append(f"    {label + ' gap':<28} {result[key]['mean']:10.3f} ± {result[key]['sem']:.3f}")
     lines.append(f"  active units {result['active_units']} of {result['latent_dim']}")
     return "\n".join(lines)
 
