@@ -490,3 +490,16 @@ def test_config_from_dict_rejects_unknown_keys():
     data["learning_rate"] = 1e-3
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig.from_dict(data)
+
+
+def test_tensorboard_gets_scalars_and_image_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tiny import tiny_run
+
+    tiny_run(tmp_path, latent_dim=2, steps=20)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"samples", "reconstructions"} <= set(tags["images"])
+    assert {"train/elbo", "train/kl", "valid/elbo"} <= set(tags["scalars"])

@@ -482,6 +482,7 @@ class Trainer:
                     if result:
                         self.last_eval = result
                         self._log(metrics, result)
+                        self._log_images()
                         if result["elbo"] > self.best_elbo:
                             self.best_elbo = result["elbo"]
                             self.save("best")
@@ -525,6 +526,26 @@ class Trainer:
             for key, value in line.items():
                 if isinstance(value, float) and key not in ("step", "epoch"):
                     writer.add_scalar(f"{line['split']}/{key}", value, line["step"])
+
+    def _log_images(self) -> None:
+        """Samples from the prior and validation reconstructions as image grids in TensorBoard (image data only)."""
+        writer = self._writer()
+        if writer is None:
+            return
+        from vaelab.plots import image_grid, reconstruction_pairs, sample_images
+
+        x = (self.valid_data if self.valid_data is not None else self.train_data)[:8]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # never perturbs training's RNG
+            torch.manual_seed(self.config.seed)
+            self.model.eval()
+            samples, pairs = sample_images(self.model, 16), reconstruction_pairs(self.model, x)
+            self.model.train()
+        try:
+            for tag, images in (("samples", samples), ("reconstructions", pairs)):
+                writer.add_image(tag, image_grid(images, self.data_shape, ncol=8), self.step, dataformats="HWC")
+        except ValueError:  # data that are not images
+            pass
 
     def _writer(self):
         if self._tb is None:
