@@ -130,16 +130,38 @@ def elbo_parts(model, x: torch.Tensor, *, k: int = 1, form: ElboForm = "joint", 
     _check_count(k, "k")
     _check_choice(form, "form", ELBO_FORMS)
     q = _posterior(model, x, q)
-    prior = model.prior
-    z = q.rsample((k,))  # (K, B, d)
-    recon = model.decode(z).log_prob(x).mean(0)  # (B,)
+    z, prior, log_lik, log_prior = _elbo_draw(model, x, q, k)
     if form == "joint":
-        kl = (q.log_prob(z) - prior.log_prob(z)).mean(0)
+        kl = (q.log_prob(z) - log_prior).mean(0)
     elif form == "entropy":
-        kl = -prior.log_prob(z).mean(0) - entropy_term(q, z)
+        kl = -log_prior.mean(0) - entropy_term(q, z)
     else:
         kl = kl_term(q, prior, z)
-    return ElboParts(recon=recon, kl=kl)
+    return ElboParts(recon=log_lik.mean(0), kl=kl)
+
+
+def _elbo_draw(model, x: torch.Tensor, q: Distribution, k: int):
+    """One draw z ~ q, ``[K, B, d]``, and what every ELBO form uses: (z, p(z), log p(x|z), log p(z)), ``[K, B]``."""
+    prior = model.prior
+    z = q.rsample((k,))
+    return z, prior, model.decode(z).log_prob(x), prior.log_prob(z)
+
+
+def elbo_integrands(model, x: torch.Tensor, *, k: int, q: Distribution | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample integrands of the three ELBO forms from ONE draw of ``k`` samples, ``[k, B]`` each.
+
+    Their means over k are exactly ``elbo_parts(..., form=f).elbo`` for the same draw; their spreads are the forms'
+    Monte Carlo variances (analytic entropy and KL, where used, are per-example constants).
+    """
+    check_data(model, x)
+    _check_count(k, "k")
+    q = _posterior(model, x, q)
+    z, prior, log_lik, log_prior = _elbo_draw(model, x, q, k)
+    return {
+        "joint": log_lik + log_prior - q.log_prob(z),
+        "entropy": log_lik + log_prior + entropy_term(q, z),
+        "kl": log_lik - kl_term(q, prior, z),
+    }
 
 
 def elbo(model, x: torch.Tensor, *, k: int = 1, form: ElboForm = "joint", q: Distribution | None = None):

@@ -39,9 +39,8 @@ from vaelab.estimators import (
     PROPOSALS,
     check_data,
     elbo,
-    entropy_term,
+    elbo_integrands,
     iwae_bound,
-    kl_term,
     log_marginal,
     pareto_k_threshold,
 )
@@ -470,24 +469,6 @@ def gap_decomposition(
 
 
 # --- 2. the three ELBO forms from the same samples --------------------------------------------------------------------
-def _elbo_integrands(model, x: torch.Tensor, q: Distribution, k: int) -> dict[str, torch.Tensor]:
-    """Per-sample integrands of the three ELBO forms from ONE draw z ~ q, ``[k, B]`` each.
-
-    The same terms as :func:`vaelab.estimators.elbo_parts`, kept per sample instead of averaged (their means over k
-    are exactly ``elbo_parts(..., form=f).elbo`` for the same draw): only ``model.prior``/``decode``, ``q`` and
-    ``estimators.kl_term``/``entropy_term``, whose Monte Carlo fallbacks are per-example constants here.
-    """
-    prior = model.prior
-    z = q.rsample((k,))  # (K, B, d): drawn exactly as elbo_parts draws
-    log_lik = model.decode(z).log_prob(x)  # (K, B)
-    log_prior = prior.log_prob(z)  # (K, B)
-    return {
-        "joint": log_lik + log_prior - q.log_prob(z),
-        "entropy": log_lik + log_prior + entropy_term(q, z),
-        "kl": log_lik - kl_term(q, prior, z),
-    }
-
-
 def elbo_form_variances(
     model,
     x: torch.Tensor,
@@ -502,8 +483,7 @@ def elbo_form_variances(
     Same expectation, different Monte Carlo variance: per example, each form's value (mean of its integrand over the
     k samples), the variance of its integrand, and the value's stderr sqrt(variance / k). The ``"kl"`` form is
     usually the quietest far from the posterior; at q = p(z|x) the ``"joint"`` integrand is constant (variance 0).
-    Reported, never asserted. The integrands come from a helper here (:func:`_elbo_integrands`), because
-    :mod:`vaelab.estimators` returns only the averages; it uses the estimators' own ``kl_term`` and ``entropy_term``.
+    Reported, never asserted. The integrands are :func:`vaelab.estimators.elbo_integrands`.
 
     Args:
         k: samples per example; chunk_size: samples drawn at once (default all k); q: default ``model.encode(x)``.
@@ -531,7 +511,7 @@ def elbo_form_variances(
             done = 0
             while done < k:
                 c = min(chunk, k - done)
-                for form, v in _elbo_integrands(model, xb, qb, c).items():
+                for form, v in elbo_integrands(model, xb, k=c, q=qb).items():
                     v = v.double()
                     if form not in shift:
                         shift[form] = v.mean(0)
