@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution, constraints, kl_divergence
 
 from vaelab._math import log_mean_exp
 
@@ -56,16 +56,24 @@ def check_data(model, x: torch.Tensor) -> torch.Tensor:
     data_shape = tuple(model.data_shape)
     if x.ndim != 1 + len(data_shape) or tuple(x.shape[1:]) != data_shape or x.shape[0] < 1:
         raise ValueError(f"x must have shape [B, {', '.join(map(str, data_shape))}] with B >= 1, got {tuple(x.shape)}")
+    support = model.data_support
+    # One pass in the common case: a bounded support's check already fails on NaN and inf; only failures are diagnosed.
+    ok = support.check(x) if support in _BOUNDED_SUPPORTS else torch.isfinite(x)
+    if bool(ok.all()):
+        return x
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"x contains {bad} NaN or infinite value(s)")
-    support = model.data_support
     if not bool(support.check(x).all()):
         raise ValueError(
             f"x has values outside the likelihood's support ({support}); "
             f"observed range [{x.min().item():.4g}, {x.max().item():.4g}]"
         )
     return x
+
+
+# Supports whose check is False for NaN and +-inf (so it covers finiteness too).
+_BOUNDED_SUPPORTS = (constraints.boolean, constraints.unit_interval)
 
 
 def _posterior(model, x: torch.Tensor, q: Distribution | None) -> Distribution:

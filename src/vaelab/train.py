@@ -351,12 +351,13 @@ class Trainer:
         x = self.train_data[idx[self.rank :: self.world]]  # this rank's share of the global batch
         if not self.config.binarizes:
             return x
-        if not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails both comparisons
+        try:  # no separate range check in the hot path: bernoulli itself refuses NaN and values outside [0, 1]
+            return torch.bernoulli(x)
+        except RuntimeError as err:
             raise TrainingDiverged(
                 f"step {step}: the batch was rejected: x contains NaN or value(s) outside [0, 1] "
-                "and cannot be binarized"
-            )
-        return torch.bernoulli(x)
+                f"and cannot be binarized ({err})"
+            ) from err
 
     def _lr(self, step: int) -> float:
         return self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
