@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -207,3 +208,23 @@ def test_load_run_from_python_rebuilds_the_model(tmp_path):
     assert [m["step"] for m in run.metrics if m["split"] == "train"][-1] == 3
     x = torch.bernoulli(torch.full((2, 1, 28, 28), 0.3))
     assert vl.elbo(run.model, x).shape == (2,)
+
+
+def test_eval_of_a_gaussian_model_includes_the_exact_ppca_baseline(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(300, 2))
+    x = 0.5 + 0.1 * latent @ rng.normal(size=(2, 16)) + 0.02 * rng.normal(size=(300, 16))
+    data = tmp_path / "points.npz"
+    np.savez(data, x=x[:240].clip(0, 1).astype("float32"), x_test=x[240:].clip(0, 1).astype("float32"))
+    run = tmp_path / "run"
+    vaelab("train", "--dataset", data, "--likelihood", "gaussian", "--likelihood-options", '{"scale": 0.05}',
+           "--latent-dim", "2", "--architecture-options", '{"hidden": [16]}', "--max-steps", "30", "--batch-size", "40",
+           "--validation-size", "40", "--out", run, "--no-progress", env=data_env(), check=True)
+    out = tmp_path / "eval.json"
+    vaelab("eval", run, "--k", "50", "--fast", "--json", out, "--no-progress", env=data_env(), check=True)
+    result = json.loads(out.read_text())
+    baseline = result["ppca_baseline"]
+    assert baseline["latent_dim"] == 2 and baseline["examples"] == 60
+    assert math.isfinite(baseline["test_log_px"]["mean"])

@@ -266,6 +266,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_model(run.model, x, k=args.k, batch_size=args.batch_size, progress=progress)
     else:
         result = diagnostics(run.model, x, k=args.k, batch_size=args.batch_size, progress=progress)
+    _add_ppca_baseline(run, x, result)
     result.update(run_dir=str(args.run_dir), split=args.split, weights=str(run.weights), seed=args.seed)
     print(f"{args.run_dir} on {run.config.dataset} {args.split}:")
     print(format_evaluation(result))
@@ -273,6 +274,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     Path(out).write_text(json.dumps(result, indent=2))
     print(f"results written to {out}")
     return 0
+
+
+CONTINUOUS_LIKELIHOODS = ("gaussian", "gaussian-learned")  # densities on R^D, comparable with pPCA's
+
+
+def _add_ppca_baseline(run, x, result: dict) -> None:
+    """For models of continuous data: the exact test log p(x) of ML probabilistic PCA with the same latent size."""
+    from vaelab.evaluate import ppca_baseline
+
+    if run.config.likelihood in CONTINUOUS_LIKELIHOODS:
+        train = _load_splits(run.config).train
+        result["ppca_baseline"] = ppca_baseline(train, x.cpu(), run.config.latent_dim)
 
 
 def torch_seed(seed: int) -> None:
@@ -367,6 +380,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         result = diagnose(run.model, x, k=args.k, slow=not args.fast, progress=not args.no_progress)
     else:
         result = evaluate.evaluate_model(run.model, x, k=args.k, progress=not args.no_progress)
+    _add_ppca_baseline(run, x, result)
     result.update(run_dir=str(run_dir), split="test", weights=str(run.weights), seed=args.seed)
     json_path = Path(args.json) if args.json else run_dir / "diagnostics_test.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
