@@ -138,21 +138,21 @@ def elbo_parts(model, x: torch.Tensor, *, k: int = 1, form: ElboForm = "joint", 
     _check_count(k, "k")
     _check_choice(form, "form", ELBO_FORMS)
     q = _posterior(model, x, q)
-    z, prior, log_lik, log_prior = _elbo_draw(model, x, q, k)
+    z, prior, log_lik = _elbo_draw(model, x, q, k)
     if form == "joint":
-        kl = (q.log_prob(z) - log_prior).mean(0)
+        kl = (q.log_prob(z) - prior.log_prob(z)).mean(0)
     elif form == "entropy":
-        kl = -log_prior.mean(0) - entropy_term(q, z)
-    else:
+        kl = -prior.log_prob(z).mean(0) - entropy_term(q, z)
+    else:  # the analytic KL needs no log-density at z: the cheapest form per training step
         kl = kl_term(q, prior, z)
     return ElboParts(recon=log_lik.mean(0), kl=kl)
 
 
 def _elbo_draw(model, x: torch.Tensor, q: Distribution, k: int):
-    """One draw z ~ q, ``[K, B, d]``, and what every ELBO form uses: (z, p(z), log p(x|z), log p(z)), ``[K, B]``."""
+    """One draw z ~ q, ``[K, B, d]``, with the prior and log p(x|z), ``[K, B]``: what every ELBO form starts from."""
     prior = model.prior
     z = q.rsample((k,))
-    return z, prior, model.decode(z).log_prob(x), prior.log_prob(z)
+    return z, prior, model.decode(z).log_prob(x)
 
 
 def elbo_integrands(model, x: torch.Tensor, *, k: int, q: Distribution | None = None) -> dict[str, torch.Tensor]:
@@ -164,7 +164,8 @@ def elbo_integrands(model, x: torch.Tensor, *, k: int, q: Distribution | None = 
     check_data(model, x)
     _check_count(k, "k")
     q = _posterior(model, x, q)
-    z, prior, log_lik, log_prior = _elbo_draw(model, x, q, k)
+    z, prior, log_lik = _elbo_draw(model, x, q, k)
+    log_prior = prior.log_prob(z)
     return {
         "joint": log_lik + log_prior - q.log_prob(z),
         "entropy": log_lik + log_prior + entropy_term(q, z),
