@@ -30,8 +30,10 @@ PROPOSALS: tuple[str, ...] = ("posterior", "prior")
 
 # Largest weights that agree to this relative precision in log space count as a flat (bounded) tail: k-hat = -inf.
 _FLAT_TAIL = 1e-6
-# Elements of decoder output held at once when ``chunk_size=None`` (~64 MiB of float32 per tensor).
-_AUTO_CHUNK_ELEMENTS = 1 << 24
+# Elements of decoder output held at once when ``chunk_size=None`` (~8 MiB of float32 per tensor: 26 samples of 100
+# MNIST images). Larger chunks were slower on CPU, not faster: 64 MiB temporaries cost ~850k page faults per call
+# (docs/performance.md, logpx_eval.py --also-chunk-sizes).
+_AUTO_CHUNK_ELEMENTS = 1 << 21
 
 
 # --- validation ----------------------------------------------------------------------------------------------------
