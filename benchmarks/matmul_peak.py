@@ -1,0 +1,92 @@
+"""Benchmark (not a test): this machine's dense float32 matmul rate, the yardstick for "fraction of peak".
+
+Times ``C = A @ B`` for square float32 matrices of size n in (512, 1024, 2048) with torch's own threads
+(``torch.get_num_threads()``), each timing a batch of multiplications long enough to be measurable, and keeps the
+best of ``repeats`` timings per size (the least disturbed by other work on the machine). One n x n x n product is
+2 n^3 floating-point operations. The peak is the best rate over the sizes.
+
+    .venv/bin/python benchmarks/matmul_peak.py              # ~20 s on 2 cores
+    .venv/bin/python benchmarks/matmul_peak.py --quick      # ~5 s
+
+Writes benchmarks/results/matmul_peak.json (override with --out). Other benchmarks import :func:`matmul_peak`
+(and :func:`matmul_rate`, one size, to re-measure the rate between their timed rounds on a busy machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = (512, 1024, 2048)
+
+
+def matmul_rate(n: int, *, repeats: int = 1, min_seconds: float = 0.1) -> float:
+    """Best GFLOP/s over ``repeats`` timings of enough n x n float32 products to last ``min_seconds`` each."""
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    c = torch.empty(n, n)
+    torch.mm(a, b, out=c)  # warm-up: thread pool, BLAS kernels, page faults
+    tick = time.perf_counter()
+    torch.mm(a, b, out=c)
+    one = max(time.perf_counter() - tick, 1e-6)
+    calls = max(1, int(min_seconds / one))
+    best = 0.0
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b, out=c)
+        seconds = time.perf_counter() - tick
+        best = max(best, 2 * n**3 * calls / seconds / 1e9)
+    return best
+
+
+def matmul_peak(sizes=SIZES, *, repeats: int = 5, min_seconds: float = 0.25) -> dict:
+    """Dense float32 matmul rate of this process's CPU threads.
+
+    Args:
+        sizes: square matrix sizes n to try.
+        repeats: timings per size; the best is kept.
+        min_seconds: least duration of one timing (several products are timed together when one is faster).
+
+    Returns:
+        ``{"peak_gflops": float, "gflops_by_size": {n: float}, "threads": int, ...}`` (GFLOP/s = 1e9 flop/s).
+    """
+    by_size = {int(n): matmul_rate(int(n), repeats=repeats, min_seconds=min_seconds) for n in sizes}
+    return {
+        "peak_gflops": max(by_size.values()),
+        "gflops_by_size": by_size,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5, help="timings per size, best kept (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="2 repeats of shorter timings")
+    p.add_argument("--out", type=Path, default=RESULTS / "matmul_peak.json", help="results file (default: %(default)s)")
+    args = p.parse_args(argv)
+    repeats, min_seconds = (2, 0.1) if args.quick else (args.repeats, 0.25)
+    result = matmul_peak(repeats=repeats, min_seconds=min_seconds)
+    for n, rate in result["gflops_by_size"].items():
+        print(f"  n = {n:>5}: {rate:8.1f} GFLOP/s")
+    print(f"float32 matmul peak: {result['peak_gflops']:.1f} GFLOP/s with {result['threads']} threads")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
