@@ -228,3 +228,31 @@ def test_eval_of_a_gaussian_model_includes_the_exact_ppca_baseline(tmp_path):
     baseline = result["ppca_baseline"]
     assert baseline["latent_dim"] == 2 and baseline["examples"] == 60
     assert math.isfinite(baseline["test_log_px"]["mean"])
+
+
+def test_compare_shows_latent_usage_against_beta(tmp_path):
+    import numpy as np
+
+    from tiny import bars
+
+    x, _ = bars(240)
+    data = tmp_path / "bars.npz"
+    np.savez(data, x=x[:200].numpy(), x_test=x[200:].numpy())
+    runs = []
+    for beta in (4.0, 0.5):
+        run = tmp_path / f"beta{beta}"
+        vaelab("train", "--dataset", data, "--latent-dim", "3", "--architecture-options", '{"hidden": [32]}',
+               "--schedule", "constant", "--schedule-options", json.dumps({"value": beta}), "--max-steps", "40",
+               "--batch-size", "20", "--validation-size", "40", "--out", run, "--no-progress",
+               env=data_env(), check=True)
+        runs.append(run)
+    out, picture = tmp_path / "compare.json", tmp_path / "compare.png"
+    proc = vaelab("compare", *runs, "--examples", "40", "--k", "20", "--json", out, "--out", picture,
+                  env=data_env(), check=True)
+    rows = json.loads(out.read_text())
+    assert [r["beta"] for r in rows] == [0.5, 4.0]  # sorted by the final KL weight
+    for r in rows:
+        assert r["latent_dim"] == 3 and len(r["kl_per_dim"]) == 3
+        assert r["kl_total"] == pytest.approx(sum(r["kl_per_dim"]))
+        assert math.isfinite(r["log_px"]["mean"]) and r["log_px"]["mean"] >= r["elbo"]["mean"] - 1.0
+    assert "active" in proc.stdout and picture.is_file()

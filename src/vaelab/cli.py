@@ -418,6 +418,50 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from vaelab.evaluate import compare_latent_usage
+
+    runs = []
+    for run_dir in args.run_dirs:
+        run = _load(run_dir)
+        runs.append((str(run_dir), run, _eval_data(run, "test", args.examples, args.seed)))
+    torch_seed(args.seed)
+    rows = compare_latent_usage(runs, k=args.k)
+    print(f"{'run':<30} {'beta':>6} {'active':>7} {'KL total':>9} {'ELBO':>9} {'log p(x)':>9}   (nats per example)")
+    for r in rows:
+        beta = "-" if r["beta"] is None else f"{r['beta']:.3g}"
+        kl = "-" if r["kl_total"] is None else f"{r['kl_total']:.2f}"
+        print(
+            f"{r['run'][-30:]:<30} {beta:>6} {r['active_units']:>3}/{r['latent_dim']:<3} {kl:>9} "
+            f"{r['elbo']['mean']:>9.2f} {r['log_px']['mean']:>9.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"results written to {args.json}")
+    if args.out:
+        from vaelab.plots import beta_comparison_figure, save_figure
+
+        save_figure(beta_comparison_figure(rows), args.out)
+        print(f"picture written to {args.out}")
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare runs (e.g. a beta sweep): active units, KL per dimension, ELBO, log p(x)",
+        description="Evaluate several runs on their test split and show how latent usage changes with the final KL "
+        "weight beta of each run: active units, total KL(q || p(z)), ELBO and log p(x).",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by vaelab train")
+    p.add_argument("--examples", type=int, default=1000, help="test examples per run (default: %(default)s)")
+    p.add_argument("--k", type=int, default=1000, help="importance samples for log p(x) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write the rows as JSON (default: none)")
+    p.add_argument("--out", metavar="FILE.png", default=None, help="picture of usage against beta (default: none)")
+    p.set_defaults(func=_cmd_compare)
+
+
 # Registry of subcommands: name -> function adding its parser.
 COMMANDS: dict[str, Callable] = {
     "check": _add_check,
@@ -425,6 +469,7 @@ COMMANDS: dict[str, Callable] = {
     "eval": _add_eval,
     "sample/reconstruct": _add_pictures,
     "report": _add_report,
+    "compare": _add_compare,
 }
 
 

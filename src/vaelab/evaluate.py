@@ -717,3 +717,37 @@ def diagnostics(
     gaps.pop("q_star")
     result["gap_decomposition"] = gaps
     return result
+
+
+def final_beta(config) -> float | None:
+    """The KL weight a run ends with (its schedule at the last step); None for schedules that are not a beta."""
+    from vaelab.schedules import make_schedule
+
+    weights = make_schedule(config.schedule, **config.schedule_options).objective_kwargs(10**12)
+    return weights.get("beta")
+
+
+def compare_latent_usage(runs: Sequence[tuple[str, Any, torch.Tensor]], *, k: int = 1000) -> list[dict[str, Any]]:
+    """How latent usage moves across runs (e.g. a beta sweep): one row per ``(name, run, x)``, sorted by final beta.
+
+    Each row: ``beta`` (final), ``schedule``, ``active_units``, ``latent_dim``, ``kl_total`` (sum of KL per dimension,
+    nats), ``kl_per_dim``, ``elbo`` and ``log_px`` (k importance samples; mean and sem over ``x``).
+    """
+    rows = []
+    for name, run, x in runs:
+        result = evaluate_model(run.model, x, k=k, iwae_ks=(), elbo_k=1, progress=False)
+        kl = result["kl_per_dim"]
+        rows.append(
+            {
+                "run": name,
+                "beta": final_beta(run.config),
+                "schedule": run.config.schedule,
+                "active_units": result["active_units"],
+                "latent_dim": result["latent_dim"],
+                "kl_total": None if kl is None else float(sum(kl)),
+                "kl_per_dim": kl,
+                "elbo": result["elbo"]["kl"],
+                "log_px": {key: result["log_px"][key] for key in ("mean", "sem", "k")},
+            }
+        )
+    return sorted(rows, key=lambda r: (r["beta"] is None, r["beta"] if r["beta"] is not None else 0.0))

@@ -549,3 +549,23 @@ def _estimator_with_reference(study: dict[str, Any]) -> Figure:
         return estimator_figure(study)
     k = max(finite)
     return estimator_figure(study, reference=finite[k], reference_label=f"importance sampling at k={k}:")
+
+
+def beta_comparison_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """Active units and total KL(q || p(z)) against the final beta of each run (a beta sweep), two panels."""
+    points = [r for r in rows if r.get("beta") is not None]
+    fig = new_figure((9, 3.5))
+    left, right = fig.subplots(1, 2)
+    betas = [r["beta"] for r in points]
+    left.plot(betas, [r["active_units"] for r in points], "o-")
+    left.set_xlabel("final beta (KL weight)")
+    left.set_ylabel("active units")
+    left.set_title("Active units (Cov_x E_q[z_j] > 0.01)")
+    right.plot(betas, [r["kl_total"] if r["kl_total"] is not None else math.nan for r in points], "o-")
+    right.set_xlabel("final beta (KL weight)")
+    right.set_ylabel(f"KL(q(z|x) || p(z)) ({NATS})")
+    right.set_title("Information in the latent code")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
