@@ -63,14 +63,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from matmul_peak import matmul_peak
+from provenance import DEFAULT_DATA_DIR, RESULTS, command_python, vaelab_commit
 
 import vaelab
 from vaelab.data import binarize_fixed, load_dataset
 from vaelab.train import TrainConfig, Trainer, load_run
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-DEFAULT_DATA_DIR = os.environ.get("VAELAB_DATA_DIR") or str(REPO.parent / "shared" / "data")
 IMPLEMENTATIONS = ("vaelab", "pythae", "pyro-vectorized", "pyro-importance")
 CHUNK_VARIANT = "vaelab-chunk"  # "vaelab-chunk20": vaelab with chunk_size=20 (--also-chunk-sizes)
 IMPLEMENTATION_NOTES = {
@@ -281,22 +279,6 @@ def train_briefly(train_x: torch.Tensor, run_dir: Path, args) -> None:
     print(
         f"trained {args.train_steps} steps ({args.train_steps / 600:.2g} epochs) in {time.perf_counter() - tick:.0f} s"
     )
-
-
-def vaelab_commit() -> str | None:
-    """The repository's HEAD commit (with "+dirty" when tracked files differ from it), or None without git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def command_python() -> str:
-    """This interpreter as a path relative to the repository when it is inside it (e.g. benchmarks/.venv-peers)."""
-    path = Path(sys.executable)
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def main(argv=None) -> int:

@@ -50,7 +50,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,16 +59,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from matmul_peak import matmul_peak, matmul_rate
+from provenance import DEFAULT_DATA_DIR, RESULTS, command_python, vaelab_commit
 from torch import nn
 
 import vaelab
 from vaelab.data import binarize_fixed, load_dataset
 from vaelab.nets import init_decoder_bias
 from vaelab.train import TrainConfig, Trainer, build_model
-
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-DEFAULT_DATA_DIR = os.environ.get("VAELAB_DATA_DIR") or str(REPO.parent / "shared" / "data")
 
 PIXELS, HIDDEN, LATENT = 784, 200, 50
 ENCODER_SIZES = (PIXELS, HIDDEN, HIDDEN, 2 * LATENT)
@@ -391,22 +387,6 @@ def test_elbo(weights: dict, test_x: torch.Tensor, config: TrainConfig, seed: in
         model.eval()
         values = torch.cat([vaelab.elbo(model, x, k=1, form="kl") for x in test_x.split(1000)])
     return {"mean": values.mean().item(), "sem": (values.std() / math.sqrt(len(values))).item()}
-
-
-def vaelab_commit() -> str | None:
-    """The repository's HEAD commit (with "+dirty" when tracked files differ from it), or None without git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def command_python() -> str:
-    """This interpreter as a path relative to the repository when it is inside it (e.g. benchmarks/.venv-peers)."""
-    path = Path(sys.executable)
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,28 @@
+"""Where a benchmark run comes from: the repository, its commit, the interpreter, the default data folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_DATA_DIR = os.environ.get("VAELAB_DATA_DIR") or str(REPO.parent / "shared" / "data")
+
+
+def vaelab_commit() -> str | None:
+    """The repository's HEAD commit (with "+dirty" when tracked files differ from it), or None without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def command_python() -> str:
+    """This interpreter as a path relative to the repository when it is inside it (e.g. benchmarks/.venv-peers)."""
+    path = Path(sys.executable)
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
