@@ -406,6 +406,16 @@ def _num(value) -> float:
     return float(value) if isinstance(value, int | float) else math.nan
 
 
+def _log_k_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, log-scaled k axis, legend and grid shared by the curves against k."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3, which="both")
+
+
 def _band(ax, ks, mean, err, label, colour) -> None:
     ax.plot(ks, mean, marker="o", ms=3, color=colour, label=label)
     if np.isfinite(err).any():
@@ -433,12 +443,12 @@ def estimator_figure(
         _band(ax, ks, mean, err, name.get(proposal, f"proposal {proposal}"), colours(i))
     if reference is not None and math.isfinite(reference):
         ax.axhline(reference, color="black", ls="--", lw=1, label=f"{reference_label} {reference:.2f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("k, samples per example (log scale)")
-    ax.set_ylabel(f"estimate of log p(x) ({NATS})")
-    ax.set_title("log p(x) estimate vs k, by proposal (± Monte Carlo stderr)")
-    ax.legend(fontsize=8, frameon=False)
-    ax.grid(alpha=0.3, which="both")
+    _log_k_axes(
+        ax,
+        "k, samples per example (log scale)",
+        f"estimate of log p(x) ({NATS})",
+        "log p(x) estimate vs k, by proposal (± Monte Carlo stderr)",
+    )
     return fig
 
 
@@ -458,12 +468,7 @@ def iwae_curve_figure(curve: dict[str, Any], *, log_px: float | None = None, elb
         ax.axhline(log_px, color="black", ls="--", lw=1, label=f"log p(x) estimate {log_px:.2f}")
     if elbo is not None and math.isfinite(elbo):
         ax.axhline(elbo, color="tab:red", ls=":", lw=1, label=f"ELBO {elbo:.2f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("k, importance samples (log scale)")
-    ax.set_ylabel(f"IWAE bound ({NATS})")
-    ax.set_title("IWAE bound vs k")
-    ax.legend(fontsize=8, frameon=False)
-    ax.grid(alpha=0.3, which="both")
+    _log_k_axes(ax, "k, importance samples (log scale)", f"IWAE bound ({NATS})", "IWAE bound vs k")
     return fig
 
 
