@@ -30,7 +30,6 @@ from torch.distributions import (
     MixtureSameFamily,
     MultivariateNormal,
     Normal,
-    kl_divergence,
 )
 
 from vaelab._math import inverse_softplus, positive_scale
@@ -45,7 +44,7 @@ from vaelab.estimators import (
     pareto_k_threshold,
 )
 from vaelab.models import LinearGaussian
-from vaelab.posteriors import as_multivariate_normal, distribution_mean
+from vaelab.posteriors import as_multivariate_normal, distribution_mean, is_factorised_gaussian, kl_per_dimension
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): unit j is active if Cov_x(E_q[z_j]) > 0.01
 
@@ -56,10 +55,6 @@ def summarize(values: torch.Tensor) -> dict[str, float]:
     n = values.numel()
     sem = (values.std() / math.sqrt(n)).item() if n > 1 else math.nan
     return {"mean": values.mean().item(), "sem": sem}
-
-
-def _factorised(dist) -> bool:
-    return isinstance(dist, Independent) and isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1
 
 
 def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, Any]:
@@ -74,8 +69,8 @@ def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, 
         for batch in x.split(batch_size):
             q = model.encode(batch)
             means.append(distribution_mean(q))
-            if _factorised(q) and _factorised(prior):
-                kls.append(kl_divergence(q.base_dist, prior.base_dist))  # [B, d]
+            if is_factorised_gaussian(q) and is_factorised_gaussian(prior):
+                kls.append(kl_per_dimension(q, prior))  # [B, d]
     variance = torch.cat(means).double().var(0)
     result: dict[str, Any] = {
         "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
@@ -230,7 +225,7 @@ def _bar(progress: bool, total: int, desc: str, unit: str):
 # --- q as (loc, scale) and in batches ---------------------------------------------------------------------------------
 def _gaussian_q(q: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
     """(loc, marginal scale), each ``[B, d]``, of a diagonal or full-covariance Gaussian q; anything else is refused."""
-    if _factorised(q):
+    if is_factorised_gaussian(q):
         return q.base_dist.loc, q.base_dist.scale
     if isinstance(q, MultivariateNormal):
         return q.loc, q.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt()
@@ -244,7 +239,7 @@ def _slice_q(q: Distribution | None, rows: slice, batch: int) -> Distribution | 
     """The examples ``rows`` of a given q (batch ``[B]``); ``None`` (use the encoder) stays ``None``."""
     if q is None or (rows.start == 0 and rows.stop >= batch):
         return q
-    if _factorised(q):
+    if is_factorised_gaussian(q):
         return Independent(Normal(q.base_dist.loc[rows], q.base_dist.scale[rows], validate_args=False), 1)
     if isinstance(q, MultivariateNormal):
         return MultivariateNormal(q.loc[rows], scale_tril=q.scale_tril[rows], validate_args=False)

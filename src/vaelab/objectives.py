@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
 from vaelab._math import log_mean_exp
 from vaelab.estimators import (
@@ -33,6 +33,7 @@ from vaelab.estimators import (
     elbo_parts,
     log_weights,
 )
+from vaelab.posteriors import kl_per_dimension
 
 
 @dataclass(frozen=True)
@@ -136,17 +137,13 @@ def capacity_objective(
 
 
 def _kl_per_dimension(q: Distribution, prior: Distribution) -> torch.Tensor:
-    """KL(q_j || p_j) for each latent dimension j of factorised Gaussians, ``[B, d]`` (analytic)."""
-    for name, dist in (("q", q), ("the prior", prior)):
-        factorised = (
-            isinstance(dist, Independent) and isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1
-        )
-        if not factorised:
-            raise ValueError(
-                "free bits needs the KL per latent dimension, so q and the prior must be factorised "
-                f"Gaussians, Independent(Normal, 1); {name} is {_describe(dist)}"
-            )
-    return kl_divergence(q.base_dist, prior.base_dist)  # (B, d): the prior's [d] broadcasts over the batch
+    """KL(q_j || p_j) per latent dimension, ``[B, d]``, with the error saying why free bits needs it."""
+    try:
+        return kl_per_dimension(q, prior)
+    except ValueError as err:
+        raise ValueError(
+            f"free bits needs the KL per latent dimension: {err} (q: {_describe(q)}, prior: {_describe(prior)})"
+        ) from err
 
 
 def free_bits_objective(

@@ -14,6 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch.distributions import Normal
 
+from vaelab.posteriors import distribution_mean
+
 
 def _as_images(x: torch.Tensor, data_shape) -> np.ndarray:
     """``[N, *data_shape]`` -> ``[N, H, W, C]`` floats in [0, 1] (flat 784-vectors become 28x28)."""
@@ -130,14 +132,7 @@ def samples_figure(model, n: int = 64) -> Figure:
 @torch.no_grad()
 def posterior_means(model, x: torch.Tensor, *, batch_size: int = 500, draws: int = 64) -> torch.Tensor:
     """E_q[z | x] for every example: ``[N, d]``. Monte Carlo (``draws`` samples) when q has no closed-form mean."""
-    means = []
-    for batch in x.split(batch_size):
-        q = model.encode(batch)
-        try:
-            means.append(q.mean)
-        except NotImplementedError:  # e.g. the two-layer chain of a HierarchicalVAE
-            means.append(q.sample((draws,)).mean(0))
-    return torch.cat(means)
+    return torch.cat([distribution_mean(model.encode(batch), draws) for batch in x.split(batch_size)])
 
 
 @torch.no_grad()

@@ -62,6 +62,25 @@ def _kl_full_diagonal(p: MultivariateNormal, q: Independent) -> torch.Tensor:
     return kl_divergence(p, as_multivariate_normal(q))
 
 
+def is_factorised_gaussian(dist: Distribution) -> bool:
+    """Whether ``dist`` is a diagonal Gaussian over a vector, ``Independent(Normal, 1)``."""
+    return isinstance(dist, Independent) and isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1
+
+
+def kl_per_dimension(q: Distribution, p: Distribution) -> torch.Tensor:
+    """KL(q_j || p_j) for each latent dimension j of two factorised Gaussians, ``[*batch, d]`` (analytic).
+
+    Raises ValueError naming the distribution that is not ``Independent(Normal, 1)``.
+    """
+    for name, dist in (("q", q), ("p", p)):
+        if not is_factorised_gaussian(dist):
+            raise ValueError(
+                f"the KL per latent dimension needs factorised Gaussians, Independent(Normal, 1); {name} is "
+                f"{type(dist).__name__}"
+            )
+    return kl_divergence(q.base_dist, p.base_dist)  # the prior's [d] broadcasts over the batch
+
+
 def distribution_mean(dist: Distribution, samples: int = 256) -> torch.Tensor:
     """E[z] of a distribution: exact where torch knows it, else the mean of ``samples`` draws (e.g. hierarchical q)."""
     try:
