@@ -69,10 +69,11 @@ import vaelab
 from vaelab.data import binarize_fixed, load_dataset
 from vaelab.train import TrainConfig, Trainer, load_run
 
-IMPLEMENTATIONS = ("vaelab", "pythae", "pyro-vectorized", "pyro-importance")
+IMPLEMENTATIONS = ("vaelab", "vaelab-compile", "pythae", "pyro-vectorized", "pyro-importance")
 CHUNK_VARIANT = "vaelab-chunk"  # "vaelab-chunk20": vaelab with chunk_size=20 (--also-chunk-sizes)
 IMPLEMENTATION_NOTES = {
     "vaelab": "vaelab.log_marginal(model, x, k=k) under torch.inference_mode, batches of --batch images",
+    "vaelab-compile": "the same with compile=True (compiled during the untimed warm-up: see warmup_seconds)",
     "pythae": "pythae VAE(reconstruction_loss='bce').get_nll(x, n_samples=k, batch_size=--pythae-batch), same weights",
     "pyro-vectorized": "pyro.infer.importance.vectorized_importance_weights, one image at a time, same weights",
     "pyro-importance": "pyro.infer.Importance(model, guide, num_samples=k).run(x).get_log_normalizer(), per image",
@@ -161,9 +162,12 @@ def pyro_model_guide(model):
 # --- one evaluation, in its own process ----------------------------------------------------------------------------
 def evaluate(impl: str, model, x: torch.Tensor, k: int, args) -> dict:
     """log p(x) of the images ``x [N, D]`` by ``impl``: ``{"values": [N] or None, "mean": float}``."""
-    if impl == "vaelab" or impl.startswith(CHUNK_VARIANT):
-        chunk_size = int(impl.removeprefix(CHUNK_VARIANT)) if impl != "vaelab" else args.chunk_size
-        chunks = [vaelab.log_marginal(model, b, k=k, chunk_size=chunk_size) for b in x.split(args.batch)]
+    if impl in ("vaelab", "vaelab-compile") or impl.startswith(CHUNK_VARIANT):
+        chunk_size = int(impl.removeprefix(CHUNK_VARIANT)) if impl.startswith(CHUNK_VARIANT) else args.chunk_size
+        compile = impl == "vaelab-compile"
+        chunks = [
+            vaelab.log_marginal(model, b, k=k, chunk_size=chunk_size, compile=compile) for b in x.split(args.batch)
+        ]
         values = torch.cat([r.value for r in chunks])
         return {"values": values.tolist(), "mean": values.mean().item()}
     if impl == "pythae":
@@ -209,7 +213,11 @@ def worker(args) -> int:
     x = torch.load(args.images)[: args.examples]
     with torch.inference_mode():
         warm_k = args.pythae_batch if args.worker == "pythae" else min(args.k, 200)
-        evaluate(args.worker, model, x[:1], warm_k, args)  # first-call costs (thread pool, allocator) kept out
+        # first-call costs (thread pool, allocator; compilation, on a batch of the timed shape) kept out, and reported
+        warm_x = x[: args.batch] if args.worker == "vaelab-compile" else x[:1]
+        tick = time.perf_counter()
+        evaluate(args.worker, model, warm_x, warm_k, args)
+        warmup_seconds = time.perf_counter() - tick
         reset = _reset_peak()
         rss_before, hwm_before, maxrss_before = _status_mib("VmRSS"), _status_mib("VmHWM"), _maxrss_mib()
         tick = time.perf_counter()
@@ -222,6 +230,7 @@ def worker(args) -> int:
         examples=len(x),
         seconds=seconds,
         seconds_per_example=seconds / len(x),
+        warmup_seconds=warmup_seconds,
         rss_before_mib=rss_before,
         peak_rss_mib=hwm_after,
         peak_delta_mib=hwm_after - (rss_before if reset else hwm_before),
@@ -356,6 +365,7 @@ def main(argv=None) -> int:
         wanted = [i for i in wanted if importable(module.get(i, "vaelab"))]
         examples = {
             "vaelab": args.peer_examples,
+            "vaelab-compile": args.peer_examples,
             **dict.fromkeys(variants, args.peer_examples),
             "pythae": args.peer_examples,
             "pyro-vectorized": args.peer_examples,
@@ -471,6 +481,7 @@ def summarize_comparison(runs: dict[str, list[dict]], peak_gflops: float, args) 
             "peak_delta_mib_by_round": [r["peak_delta_mib"] for r in rs],
             "peak_delta_mib_max": max(r["peak_delta_mib"] for r in rs),
             "ru_maxrss_delta_mib_by_round": [r["ru_maxrss_delta_mib"] for r in rs],
+            "warmup_seconds_by_round": [r.get("warmup_seconds") for r in rs],
         }
         entry["fraction_of_matmul_peak"] = entry["gflops_median"] / peak_gflops
         values = first.get("values")
@@ -486,6 +497,11 @@ def summarize_comparison(runs: dict[str, list[dict]], peak_gflops: float, args) 
             )
         elif impl == "vaelab":
             entry["vaelab_speedup"] = 1.0
+        if runs.get("pythae"):  # how many times faster than pythae's get_nll, median over rounds
+            pairs = zip(runs["pythae"], rs, strict=False)
+            entry["times_faster_than_pythae"] = statistics.median(
+                p["seconds_per_example"] / r["seconds_per_example"] for p, r in pairs
+            )
         if impl == "pyro-importance":
             entry["extrapolated_seconds_for_vaelab_examples"] = (
                 entry["seconds_per_example_median"] * base[0]["examples"] if base else None
@@ -496,17 +512,22 @@ def summarize_comparison(runs: dict[str, list[dict]], peak_gflops: float, args) 
 
 def print_tables(results: dict, args) -> None:
     print(f"\nlog p(x), k = {results['k']}; best matmul rate {results['best_peak_gflops']:.1f} GFLOP/s")
-    header = ("implementation", "images", "ms/image", "vaelab x", "log p(x)", "vaelab same", "GFLOP/s", "peak", "+MiB")
-    print("{:<16} {:>6} {:>9} {:>8} {:>9} {:>11} {:>8} {:>6} {:>6}".format(*header))
+    header = (
+        "implementation", "images", "ms/image", "vaelab x", "x pythae", "log p(x)", "vaelab same", "GFLOP/s", "peak",
+        "+MiB",
+    )  # fmt: skip
+    print("{:<16} {:>6} {:>9} {:>8} {:>8} {:>9} {:>11} {:>8} {:>6} {:>6}".format(*header))
     for impl, r in results["comparison"].items():
         print(
             f"{impl:<16} {r['examples']:>6} {r['seconds_per_example_median'] * 1e3:>9.1f} "
-            f"{r.get('vaelab_speedup', math.nan):>8.2f} {r['log_px_mean']:>9.3f} "
+            f"{r.get('vaelab_speedup', math.nan):>8.2f} {r.get('times_faster_than_pythae', math.nan):>8.2f} "
+            f"{r['log_px_mean']:>9.3f} "
             f"{r.get('vaelab_log_px_mean_same_examples', math.nan):>11.3f} "
             f"{r['gflops_median']:>8.1f} {r['fraction_of_matmul_peak']:>6.1%} {r['peak_delta_mib_max']:>6.0f}"
         )
     print("(ms/image: median over rounds; vaelab x: its time per image over vaelab's in the same round, median over")
-    print(" rounds (above 1: vaelab is faster); log p(x): mean over the images, nats; vaelab same: vaelab's mean on")
+    print(" rounds (above 1: vaelab is faster); x pythae: pythae's time per image over its own, same round (above 1:")
+    print(" faster than pythae); log p(x): mean over the images, nats; vaelab same: vaelab's mean on")
     print(" those images; +MiB: peak resident memory of the evaluation above the memory before it, max over rounds)")
     for impl, rows in results["scaling"].items():
         print(f"\n{impl}: scaling in k on {args.scaling_examples} images (median over {args.scaling_rounds} rounds)")

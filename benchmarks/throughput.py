@@ -149,6 +149,7 @@ class Implementation:
 class VaelabTrainer(Implementation):
     name = "vaelab"
     note = "vaelab.train.Trainer.train_step() in a loop (iwae-1layer, objective elbo, form kl)"
+    compile = False
 
     def __init__(self, init, data, batch_size, args):
         config = TrainConfig(
@@ -165,6 +166,7 @@ class VaelabTrainer(Implementation):
             seed=args.seed,
             device="cpu",
             progress=False,
+            compile=self.compile,
         )
         self._dir = tempfile.TemporaryDirectory()  # train_step writes nothing; the Trainer wants a run directory
         self.trainer = Trainer(config, data, None, self._dir.name)
@@ -183,6 +185,12 @@ class VaelabTrainer(Implementation):
             "encoder": to_sequential(model.encoder.state_dict()),
             "decoder": to_sequential(model.decoder.state_dict()),
         }
+
+
+class VaelabCompiled(VaelabTrainer):
+    name = "vaelab-compile"
+    note = "the same with TrainConfig(compile=True): the objective torch.compile'd (compiled during the warm-up)"
+    compile = True
 
 
 class HandLoop(Implementation):
@@ -405,7 +413,9 @@ def main(argv=None) -> int:
         "--extra-steps", type=int, default=6, help="steps per round at an extra batch (default: %(default)s)"
     )
     p.add_argument(
-        "--impls", default="vaelab,hand,hand-2,pythae,pyro-trace,pyro-meanfield", help="(default: %(default)s)"
+        "--impls",
+        default="vaelab,vaelab-compile,hand,hand-2,pythae,pyro-trace,pyro-meanfield",
+        help="(default: %(default)s)",
     )
     p.add_argument("--test-examples", type=int, default=10000, help="test images for the ELBO (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
@@ -425,7 +435,7 @@ def main(argv=None) -> int:
     train_x = splits.train.reshape(len(splits.train), -1).contiguous()  # (60000, 784), one tensor
     test_x = binarize_fixed(splits.test.reshape(len(splits.test), -1), seed=0)[: args.test_examples]
 
-    classes: list[Callable] = [VaelabTrainer, HandLoop, HandLoopReplicate]
+    classes: list[Callable] = [VaelabTrainer, VaelabCompiled, HandLoop, HandLoopReplicate]
     pythae_class = pythae_factory()
     classes += [pythae_class] if pythae_class else []
     classes += pyro_factories()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vaelab.tolerance import Z_TOLERANCE
+
 BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = BESIDE if BESIDE.is_dir() else Path("/work/shared/data")
 needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found in {DATA}")
@@ -107,6 +109,13 @@ def test_train_interrupt_resume_eval_sample(tmp_path):
     fast = tmp_path / "fast.json"
     vaelab("eval", run, "--k", "50", "--examples", "10", "--fast", "--json", fast, "--no-progress", env=env, check=True)
     assert "approximation_gap" not in json.loads(fast.read_text())
+    compiled = tmp_path / "compiled.json"
+    vaelab("eval", run, "--k", "50", "--examples", "10", "--fast", "--compile", "--json", compiled, env=env, check=True)
+    eager_px, compiled_px = (json.loads(f.read_text())["log_px"] for f in (fast, compiled))
+    # the same estimator (other random draws): means over 10 images agree within a per-image Monte Carlo error (the
+    # error of a mean is smaller: a loose bound, as the stderr of a k = 50 estimate is itself rough)
+    tolerance = Z_TOLERANCE * math.hypot(eager_px["mean_mc_stderr"], compiled_px["mean_mc_stderr"])
+    assert abs(compiled_px["mean"] - eager_px["mean"]) <= tolerance
 
     vaelab("sample", run, "--n", "16", env=env, check=True)
     vaelab("reconstruct", run, "--n", "8", env=env, check=True)

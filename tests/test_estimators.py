@@ -156,6 +156,19 @@ def test_importance_sampling_estimate_matches_log_px():
     assert bool((result.pareto_k < 0.7).all())
 
 
+@pytest.mark.parametrize("proposal", ["encoder", "given-q"])
+def test_compiled_log_marginal_matches_log_px(proposal):
+    # torch.compile'd chunks (uneven k: the last chunk is drawn whole and cut) estimate the same quantity
+    torch.manual_seed(9)
+    model, x = make_model(noise="diagonal")
+    q = diagonal_q(model, x, **QS["near"]) if proposal == "given-q" else None
+    result = vaelab.log_marginal(model, x, k=4001, q=q, chunk_size=500, compile=True)
+    assert result.k == 4001
+    assert_within_stderr(result.value, model.log_marginal_exact(x).detach(), result.stderr, what="compiled IS")
+    eager = vaelab.log_marginal(model, x, k=4001, q=q, chunk_size=500)
+    assert_within_stderr(result.value, eager.value, torch.hypot(result.stderr, eager.stderr), what="compiled - eager")
+
+
 def test_naive_prior_estimator_is_unbiased_for_px_not_log_px_and_far_noisier_than_is():
     torch.manual_seed(8)
     # small and noisy, so p(x) is not astronomically small and exp() of the estimates is usable
@@ -338,15 +351,45 @@ def test_bad_input_raises_value_error_naming_the_problem(call, message):
         call(model, x)
 
 
-def test_data_outside_bernoulli_support_is_rejected():
-    vae = VAE(
+def tiny_bernoulli_vae() -> VAE:
+    return VAE(
         prior=StandardNormal(2),
         encoder=torch.nn.Linear(6, 4),
         decoder=torch.nn.Linear(2, 6),
         likelihood=BernoulliLikelihood((6,)),
     )
+
+
+def test_data_outside_bernoulli_support_is_rejected():
     with pytest.raises(ValueError, match="outside the likelihood's support"):
-        vaelab.log_marginal(vae, torch.full((2, 6), 0.5), k=10)
+        vaelab.log_marginal(tiny_bernoulli_vae(), torch.full((2, 6), 0.5), k=10)
+
+
+def test_trusted_data_skips_the_value_pass_but_not_the_shape_check():
+    vae = tiny_bernoulli_vae()
+    half = torch.full((2, 6), 0.5)
+    with vaelab.estimators.trusted_data():
+        vaelab.estimators.check_data(vae, half)  # the caller vouches for the values
+        with pytest.raises(ValueError, match="shape"):
+            vaelab.estimators.check_data(vae, half[:, :5])
+    with pytest.raises(ValueError, match="outside the likelihood's support"):  # checked again outside the block
+        vaelab.estimators.check_data(vae, half)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 100])
+def test_check_values_names_the_first_bad_example_across_chunks(rows):
+    from torch.distributions import constraints
+
+    data = torch.zeros(10, 2, 3)
+    data[7, 1, 2] = 2.0
+    data[8, 0, 0] = math.nan
+    message = r"^train has values outside \[0, 1\], first in example 7 \(its range \[0, 2\]\)$"
+    with pytest.raises(ValueError, match=message):
+        vaelab.estimators.check_values(data, constraints.unit_interval, name="train", support_name="[0, 1]", rows=rows)
+    data[5, 0, 1] = math.inf
+    with pytest.raises(ValueError, match=r"^x contains NaN or infinite values: 1 in example 5, the first$"):
+        vaelab.estimators.check_values(data, constraints.real, rows=rows)
+    vaelab.estimators.check_values(data[:5], constraints.unit_interval, rows=rows)  # all good: no error
 
 
 @pytest.mark.parametrize("quantity", ["log_marginal", "posterior_gap"])

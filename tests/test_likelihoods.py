@@ -275,7 +275,9 @@ def test_check_data_accepts_valid_binary_data():
     [
         pytest.param(torch.zeros(2, 5), r"shape \[B, 6\]", id="wrong-shape"),
         pytest.param(torch.zeros(6), r"shape \[B, 6\]", id="missing-batch-dim"),
-        pytest.param(torch.tensor([[0.0, 1.0, math.nan, 0.0, 1.0, 0.0]]), "1 NaN or infinite", id="nan"),
+        pytest.param(
+            torch.tensor([[0.0, 1.0, math.nan, 0.0, 1.0, 0.0]]), "NaN or infinite values: 1 in example 0", id="nan"
+        ),
         pytest.param(torch.tensor([[0.0, 1.0, 0.5, 0.0, 1.0, 0.0]]), "outside the likelihood's support", id="half"),
         pytest.param(torch.zeros(2, 6, dtype=torch.int64), "floating-point", id="integer-dtype"),
     ],

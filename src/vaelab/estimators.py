@@ -14,7 +14,10 @@ Inputs are validated once at entry (shape, finiteness, the likelihood's support,
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,10 +33,12 @@ PROPOSALS: tuple[str, ...] = ("posterior", "prior")
 
 # Largest weights that agree to this relative precision in log space count as a flat (bounded) tail: k-hat = -inf.
 _FLAT_TAIL = 1e-6
-# Elements of decoder output held at once when ``chunk_size=None`` (~8 MiB of float32 per tensor: 26 samples of 100
-# MNIST images). Larger chunks were slower on CPU, not faster: 64 MiB temporaries cost ~850k page faults per call
+# Elements of decoder output held at once when ``chunk_size=None``: ~4 MiB of float32 per tensor eagerly (13 samples
+# of 100 MNIST images), ~8 MiB compiled (whose fused kernels keep fewer such tensors). Measured on CPU: 800-2,600 rows
+# of 784 pixels were equally fast eagerly, 5,200 rows 2x slower, 64 MiB tensors cost ~850k page faults per call
 # (docs/performance.md, logpx_eval.py --also-chunk-sizes).
-_AUTO_CHUNK_ELEMENTS = 1 << 21
+_AUTO_CHUNK_ELEMENTS = 1 << 20
+_AUTO_CHUNK_ELEMENTS_COMPILED = 1 << 21
 
 
 # --- validation ----------------------------------------------------------------------------------------------------
@@ -50,7 +55,10 @@ def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
 
 
 def check_data(model, x: torch.Tensor) -> torch.Tensor:
-    """Validate a batch ``x: [B, *model.data_shape]``: a finite floating tensor inside the likelihood's support."""
+    """Validate a batch ``x: [B, *model.data_shape]``: a finite floating tensor inside the likelihood's support.
+
+    Inside :func:`trusted_data` only the type and shape are checked: the caller has checked the values once.
+    """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -58,20 +66,60 @@ def check_data(model, x: torch.Tensor) -> torch.Tensor:
     data_shape = tuple(model.data_shape)
     if x.ndim != 1 + len(data_shape) or tuple(x.shape[1:]) != data_shape or x.shape[0] < 1:
         raise ValueError(f"x must have shape [B, {', '.join(map(str, data_shape))}] with B >= 1, got {tuple(x.shape)}")
-    support = model.data_support
-    # One pass in the common case: a bounded support's check already fails on NaN and inf; only failures are diagnosed.
-    ok = support.check(x) if support in _BOUNDED_SUPPORTS else torch.isfinite(x)
-    if bool(ok.all()):
-        return x
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"x contains {bad} NaN or infinite value(s)")
-    if not bool(support.check(x).all()):
-        raise ValueError(
-            f"x has values outside the likelihood's support ({support}); "
-            f"observed range [{x.min().item():.4g}, {x.max().item():.4g}]"
-        )
+    if not _trusted:
+        check_values(x, model.data_support)
     return x
+
+
+def check_values(
+    x: torch.Tensor,
+    support: constraints.Constraint,
+    *,
+    name: str = "x",
+    support_name: str | None = None,
+    rows: int = 1 << 14,
+) -> None:
+    """Raise ``ValueError`` unless every value of ``x [N, ...]`` is finite and inside ``support``.
+
+    The message names the first offending example (row) and the support (as ``support_name`` where given). Works
+    through ``rows`` examples at a time, so a whole dataset can be checked once without a temporary of its size.
+    """
+    for start in range(0, x.shape[0], rows):
+        chunk = x[start : start + rows]
+        # One pass in the common case: a bounded support's check already fails on NaN and inf.
+        ok = support.check(chunk) if support in _BOUNDED_SUPPORTS else torch.isfinite(chunk)
+        row_ok = ok.reshape(ok.shape[0], -1).all(1)
+        if bool(row_ok.all()):
+            continue
+        row = int((~row_ok).nonzero()[0, 0])
+        example = chunk[row]
+        non_finite = int((~torch.isfinite(example)).sum())
+        if non_finite:
+            first = start + row
+            raise ValueError(f"{name} contains NaN or infinite values: {non_finite} in example {first}, the first")
+        where = support_name or f"the likelihood's support ({support})"
+        raise ValueError(
+            f"{name} has values outside {where}, first in example {start + row} "
+            f"(its range [{example.min().item():.4g}, {example.max().item():.4g}])"
+        )
+
+
+_trusted = False  # set by trusted_data(): values were checked by the caller
+
+
+@contextmanager
+def trusted_data() -> Iterator[None]:
+    """Within this block :func:`check_data` checks type and shape but not values (no pass over the batch).
+
+    For callers that check their data once up front, as :class:`vaelab.train.Trainer` does with its whole training
+    set, instead of on every batch.
+    """
+    global _trusted
+    previous, _trusted = _trusted, True
+    try:
+        yield
+    finally:
+        _trusted = previous
 
 
 # Supports whose check is False for NaN and +-inf (so it covers finiteness too).
@@ -353,25 +401,34 @@ def pareto_khat(top_log_weights: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, torch.full_like(khat, -math.inf), khat)
 
 
-def _auto_chunk(model, batch: int, k: int) -> int:
+def _auto_chunk(model, batch: int, k: int, *, compiled: bool = False) -> int:
     per_sample = batch * max(math.prod(model.data_shape), model.latent_dim)
-    return max(1, min(k, _AUTO_CHUNK_ELEMENTS // max(per_sample, 1)))
+    elements = _AUTO_CHUNK_ELEMENTS_COMPILED if compiled else _AUTO_CHUNK_ELEMENTS
+    return max(1, min(k, elements // max(per_sample, 1)))
 
 
-def _stream(model, x, *, k, proposal, chunk_size, q, tail) -> _WeightStats:
+@functools.cache
+def _compiled_log_weights():
+    """:func:`_log_weights` through ``torch.compile`` (built on first use: importing vaelab stays light)."""
+    return torch.compile(_log_weights, dynamic=False)
+
+
+def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False) -> _WeightStats:
     check_data(model, x)
     _check_count(k, "k")
     _check_choice(proposal, "proposal", PROPOSALS)
     if chunk_size is None:
-        chunk_size = _auto_chunk(model, x.shape[0], k)
+        chunk_size = _auto_chunk(model, x.shape[0], k, compiled=compile)
     _check_count(chunk_size, "chunk_size")
     stats = _WeightStats(tail=tail)
+    # Compiled, every chunk has the same size (a last, shorter one is drawn whole and cut): one shape, one compilation.
+    weights = _compiled_log_weights() if compile else _log_weights
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
         r = _posterior(model, x, q) if proposal == "posterior" else None
         done = 0
         while done < k:
             c = min(chunk_size, k - done)
-            stats.update(_log_weights(model, x, r, c))
+            stats.update(weights(model, x, r, chunk_size if compile else c)[:c])
             done += c
     return stats
 
@@ -384,6 +441,7 @@ def log_marginal(
     proposal: Proposal = "posterior",
     chunk_size: int | None = None,
     q: Distribution | None = None,
+    compile: bool = False,
 ) -> LogMarginal:
     """Estimate log p(x) per example by importance sampling, streamed over ``k`` in chunks.
 
@@ -394,11 +452,15 @@ def log_marginal(
     Memory is flat in k (up to the O(sqrt k) Pareto tail): chunks of ``chunk_size`` samples (auto-sized from the data
     size when ``None``) are folded into running sums. Runs without gradients (:func:`iwae_bound` is differentiable).
 
+    ``compile=True`` runs each chunk's log-weights through ``torch.compile`` (the decoder and the log-densities fused
+    into a few kernels): faster per sample once compiled, for a one-off compilation of several seconds per model and
+    batch shape, so worth it for long evaluations (docs/performance.md). Same estimator, different random draws.
+
     Returns:
         :class:`LogMarginal` with ``value``, ``stderr``, ``ess`` and ``pareto_k``, each ``[B]``.
     """
     return _stream(
-        model, x, k=k, proposal=proposal, chunk_size=chunk_size, q=q, tail=_pareto_tail_size(k)
+        model, x, k=k, proposal=proposal, chunk_size=chunk_size, q=q, tail=_pareto_tail_size(k), compile=compile
     ).log_marginal()
 
 

@@ -92,13 +92,15 @@ def evaluate_model(
     elbo_k: int = 10,
     batch_size: int = 100,
     progress: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """The standard evaluation of a model on ``x`` (``[N, *data_shape]``, on the model's device).
 
     Returns a JSON-ready dict: ``elbo`` (each form, ``elbo_k`` samples per example), ``iwae`` (bound per k),
     ``log_px`` (k importance samples: mean, sem over examples, mean Monte Carlo stderr, median ESS, the fraction of
     examples whose Pareto k-hat exceeds the reliability threshold), ``posterior_gap`` (log p-hat - ELBO), and the
-    latent usage of :func:`latent_usage`. Runs under ``torch.inference_mode``.
+    latent usage of :func:`latent_usage`. Runs under ``torch.inference_mode``. ``compile``: the streamed log p(x)
+    estimates run compiled (see :func:`vaelab.estimators.log_marginal`).
     """
     per_example: dict[str, list[torch.Tensor]] = {}
 
@@ -119,9 +121,11 @@ def evaluate_model(
             for kk in iwae_ks:
                 add(
                     f"iwae_{kk}",
-                    iwae_bound(model, batch, k=kk) if kk <= 1000 else log_marginal(model, batch, k=kk).value,
+                    iwae_bound(model, batch, k=kk)
+                    if kk <= 1000
+                    else log_marginal(model, batch, k=kk, compile=compile).value,
                 )
-            r = log_marginal(model, batch, k=k)
+            r = log_marginal(model, batch, k=k, compile=compile)
             add("log_px", r.value)
             add("log_px_stderr", r.stderr)
             add("ess", r.ess)
@@ -683,6 +687,7 @@ def diagnostics(
     study_ks: Sequence[int] | None = None,
     batch_size: int = 100,
     progress: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Look inside a trained model: :func:`evaluate_model` plus the diagnostics above, in one JSON-ready dict.
 
@@ -693,11 +698,12 @@ def diagnostics(
     q* parameters), ``elbo_forms`` (:func:`elbo_form_variances`, ``form_k`` samples), ``iwae_curve``, and
     ``estimator_study`` on the first ``study_examples`` examples with ``study_ks`` (default k up to 1e5 when
     ``slow``, up to 1e3 otherwise). The model is put in eval mode and its training flag restored afterwards.
+    ``compile`` applies to :func:`evaluate_model`'s log p(x) estimates, the bulk of the work.
     """
     was_training = model.training
     model.eval()
     try:
-        result = evaluate_model(model, x, k=k, batch_size=batch_size, progress=progress)
+        result = evaluate_model(model, x, k=k, batch_size=batch_size, progress=progress, compile=compile)
         gaps = gap_decomposition(
             model, x, k=k, steps=steps, lr=lr, elbo_k=elbo_k, batch_size=batch_size, progress=progress
         )

@@ -58,7 +58,11 @@ Objective = Callable[..., ObjectiveOutput]
 
 
 # --- validation -------------------------------------------------------------------------------------------------------
-def _check_nonnegative(value: object, name: str) -> float:
+def _check_nonnegative(value: object, name: str) -> float | torch.Tensor:
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        # A 0-d tensor is taken as is: compiled training passes a schedule's changing values (checked by the
+        # schedule) as tensors, since a Python float would be a compile-time constant, recompiled at every change.
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)

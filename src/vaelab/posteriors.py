@@ -39,7 +39,8 @@ class DiagonalGaussian(nn.Module):
                 f"encoder output needs an even last dimension (loc, scale), got shape {tuple(params.shape)}"
             )
         loc, raw_scale = params.chunk(2, dim=-1)
-        return Independent(Normal(loc, positive_scale(raw_scale, self.min_scale), validate_args=False), 1)
+        scale = positive_scale(raw_scale, self.min_scale)
+        return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
 
 def as_multivariate_normal(dist: Distribution) -> MultivariateNormal:

@@ -25,7 +25,7 @@ class StandardNormal(nn.Module):
         self.register_buffer("scale", torch.ones(latent_dim))
 
     def forward(self) -> Distribution:
-        return Independent(Normal(self.loc, self.scale), 1)
+        return Independent(Normal(self.loc, self.scale, validate_args=False), 1, validate_args=False)
 
 
 class LearnedGaussian(nn.Module):
@@ -48,7 +48,8 @@ class LearnedGaussian(nn.Module):
         self.raw_scale = nn.Parameter(inverse_softplus(torch.full((latent_dim,), 1.0 - min_scale)))
 
     def forward(self) -> Distribution:
-        return Independent(Normal(self.loc, positive_scale(self.raw_scale, self.min_scale)), 1)
+        scale = positive_scale(self.raw_scale, self.min_scale)  # > 0 by construction: no validation pass needed
+        return Independent(Normal(self.loc, scale, validate_args=False), 1, validate_args=False)
 
 
 PRIORS: dict[str, type[nn.Module]] = {
