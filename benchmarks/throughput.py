@@ -150,6 +150,7 @@ class VaelabTrainer(Implementation):
     name = "vaelab"
     note = "vaelab.train.Trainer.train_step() in a loop (iwae-1layer, objective elbo, form kl)"
     compile = False
+    bf16 = False
 
     def __init__(self, init, data, batch_size, args):
         config = TrainConfig(
@@ -167,6 +168,7 @@ class VaelabTrainer(Implementation):
             device="cpu",
             progress=False,
             compile=self.compile,
+            bf16=self.bf16,
         )
         self._dir = tempfile.TemporaryDirectory()  # train_step writes nothing; the Trainer wants a run directory
         self.trainer = Trainer(config, data, None, self._dir.name)
@@ -191,6 +193,13 @@ class VaelabCompiled(VaelabTrainer):
     name = "vaelab-compile"
     note = "the same with TrainConfig(compile=True): the objective torch.compile'd (compiled during the warm-up)"
     compile = True
+
+
+class VaelabCompiledBf16(VaelabTrainer):
+    name = "vaelab-compile-bf16"
+    note = "the same with TrainConfig(compile=True, bf16=True): matmuls in bfloat16 (weights, Adam, evaluation float32)"
+    compile = True
+    bf16 = True
 
 
 class HandLoop(Implementation):
@@ -414,7 +423,7 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--impls",
-        default="vaelab,vaelab-compile,hand,hand-2,pythae,pyro-trace,pyro-meanfield",
+        default="vaelab,vaelab-compile,vaelab-compile-bf16,hand,hand-2,pythae,pyro-trace,pyro-meanfield",
         help="(default: %(default)s)",
     )
     p.add_argument("--test-examples", type=int, default=10000, help="test images for the ELBO (default: %(default)s)")
@@ -435,7 +444,7 @@ def main(argv=None) -> int:
     train_x = splits.train.reshape(len(splits.train), -1).contiguous()  # (60000, 784), one tensor
     test_x = binarize_fixed(splits.test.reshape(len(splits.test), -1), seed=0)[: args.test_examples]
 
-    classes: list[Callable] = [VaelabTrainer, VaelabCompiled, HandLoop, HandLoopReplicate]
+    classes: list[Callable] = [VaelabTrainer, VaelabCompiled, VaelabCompiledBf16, HandLoop, HandLoopReplicate]
     pythae_class = pythae_factory()
     classes += [pythae_class] if pythae_class else []
     classes += pyro_factories()
