@@ -519,13 +519,13 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\npeak {peak['peak_gflops']:.1f} GFLOP/s; {TRAIN_FLOP_PER_EXAMPLE / 1e6:.2f} MFLOP per training example")
     header = ("batch", "implementation", "samples/s", "x hand", "GFLOP/s", "of peak", "of best", "test ELBO")
-    print("{:>5} {:<15} {:>9} {:>7} {:>8} {:>7} {:>7} {:>16}".format(*header))
+    print("{:>5} {:<19} {:>9} {:>7} {:>8} {:>7} {:>7} {:>16}".format(*header))
     for b, e in results["by_batch_size"].items():
         for name, s in e["implementations"].items():
             elbo = f"{s['test_elbo']['mean']:8.2f} ± {s['test_elbo']['sem']:.2f}" if "test_elbo" in s else ""
             ratio = s.get("ratio_to_hand", math.nan)
             print(
-                f"{b:>5} {name:<15} {s['samples_per_sec_median']:>9.0f} {ratio:>7.2f} {s['gflops']:>8.1f} "
+                f"{b:>5} {name:<19} {s['samples_per_sec_median']:>9.0f} {ratio:>7.2f} {s['gflops']:>8.1f} "
                 f"{s['fraction_of_matmul_peak']:>7.1%} {s['fraction_of_best_peak']:>7.1%} {elbo:>16}"
             )
     print(f"(test ELBO: kl form, k = 1, nats, on {len(test_x)} fixed-binarized test images;")

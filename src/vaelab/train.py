@@ -397,19 +397,21 @@ class Trainer:
             raise TrainingDiverged(f"step {step}: the batch was rejected: {err}") from err
         self._steps_taken += 1
         loss = out.loss.mean()
-        if not _all_ranks(bool(torch.isfinite(loss)), self.world, self.device):
-            raise TrainingDiverged(f"step {step}: {_non_finite_term(out)} is not finite (loss = {loss.item()})")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # harmless if the loss is not finite: nothing is applied before the check below
         if self.world > 1:
             _average_gradients(self.model, self.world)
         if self.config.grad_clip is not None:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         else:
             norm = None
-        if not _grads_finite(self.model):  # one reduction and one sync; names are looked up only on failure
+        # The step's one host synchronisation: loss and gradients checked together; the culprit is named on failure.
+        finite = torch.isfinite(loss) & _grads_finite(self.model)
+        if not _all_ranks(bool(finite), self.world, self.device):
+            if not _all_ranks(bool(torch.isfinite(loss)), self.world, self.device):
+                raise TrainingDiverged(f"step {step}: {_non_finite_term(out)} is not finite (loss = {loss.item()})")
             bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
-            raise TrainingDiverged(f"step {step}: the gradient of {', '.join(bad)} is not finite")
+            raise TrainingDiverged(f"step {step}: the gradient of {', '.join(bad) or 'a parameter'} is not finite")
         self.optimizer.step()
         self.step += 1
         stats = {"loss": loss.detach(), "elbo": out.elbo.mean()}
@@ -589,11 +591,12 @@ def _adam(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _grads_finite(model: nn.Module) -> bool:
+def _grads_finite(model: nn.Module) -> torch.Tensor:
+    """Whether every gradient is finite, as a 0-d bool tensor (no host synchronisation)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return True
-    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        return torch.tensor(True)
+    return torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
 
 def _output_net(model: nn.Module) -> nn.Module:
