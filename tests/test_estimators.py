@@ -169,6 +169,25 @@ def test_compiled_log_marginal_matches_log_px(proposal):
     assert_within_stderr(result.value, eager.value, torch.hypot(result.stderr, eager.stderr), what="compiled - eager")
 
 
+def test_compiled_log_marginal_without_a_working_compiler_warns_and_runs_eagerly(tmp_path, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch.manual_seed(10)
+    model, x = make_model(noise="diagonal")
+    # nothing compiled before may be reused (in memory or in inductor's on-disk cache): the compiler must really run
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    broken = {"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}
+    try:
+        with torch._inductor.config.patch(broken), pytest.warns(UserWarning, match="torch.compile failed"):
+            result = vaelab.log_marginal(model, x, k=2000, chunk_size=300, compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert result.k == 2000
+    assert_within_stderr(result.value, model.log_marginal_exact(x).detach(), result.stderr, what="eager fallback")
+
+
 def test_naive_prior_estimator_is_unbiased_for_px_not_log_px_and_far_noisier_than_is():
     torch.manual_seed(8)
     # small and noisy, so p(x) is not astronomically small and exp() of the estimates is usable

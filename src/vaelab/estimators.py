@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -421,16 +422,28 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False) -> _We
         chunk_size = _auto_chunk(model, x.shape[0], k, compiled=compile)
     _check_count(chunk_size, "chunk_size")
     stats = _WeightStats(tail=tail)
-    # Compiled, every chunk has the same size (a last, shorter one is drawn whole and cut): one shape, one compilation.
-    weights = _compiled_log_weights() if compile else _log_weights
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
         r = _posterior(model, x, q) if proposal == "posterior" else None
         done = 0
         while done < k:
             c = min(chunk_size, k - done)
-            stats.update(weights(model, x, r, chunk_size if compile else c)[:c])
+            # Compiled, every chunk has the same size (a last, shorter one is drawn whole and cut): one compilation.
+            lw = _compiled_chunk(model, x, r, chunk_size) if compile else None
+            compile = lw is not None
+            stats.update(lw[:c] if compile else _log_weights(model, x, r, c))
             done += c
     return stats
+
+
+def _compiled_chunk(model, x, r, chunk_size: int) -> torch.Tensor | None:
+    """A chunk's log-weights, compiled (the first call compiles); None, with a warning, if compilation fails."""
+    try:
+        return _compiled_log_weights()(model, x, r, chunk_size)
+    except Exception as err:  # any compiler failure (no C++ compiler, an unsupported op): eager; a bug in the model
+        # itself then raises again, eagerly, with a plain traceback
+        message = f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); evaluating eagerly"
+        warnings.warn(message, stacklevel=3)
+        return None
 
 
 def log_marginal(
@@ -454,7 +467,8 @@ def log_marginal(
 
     ``compile=True`` runs each chunk's log-weights through ``torch.compile`` (the decoder and the log-densities fused
     into a few kernels): faster per sample once compiled, for a one-off compilation of several seconds per model and
-    batch shape, so worth it for long evaluations (docs/performance.md). Same estimator, different random draws.
+    batch shape, so worth it for long evaluations (docs/performance.md). Same estimator, different random draws. If
+    compilation fails (e.g. no C++ compiler), a warning says so and the estimate is computed eagerly.
 
     Returns:
         :class:`LogMarginal` with ``value``, ``stderr``, ``ess`` and ``pareto_k``, each ``[B]``.

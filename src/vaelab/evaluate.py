@@ -83,6 +83,12 @@ def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, 
     return result
 
 
+# Importance samples (k x examples) from which evaluate_model compiles its log p(x) estimator by default: at ~5 us per
+# sample eagerly and ~1.4-2x less compiled, 5e6 samples take 15-25 s eagerly, about 2-3 compilations' worth
+# (docs/performance.md). The standard protocol (k = 5000, 10,000 test images) is 10x that.
+AUTO_COMPILE_SAMPLES = 5_000_000
+
+
 def evaluate_model(
     model,
     x: torch.Tensor,
@@ -92,7 +98,7 @@ def evaluate_model(
     elbo_k: int = 10,
     batch_size: int = 100,
     progress: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """The standard evaluation of a model on ``x`` (``[N, *data_shape]``, on the model's device).
 
@@ -100,8 +106,11 @@ def evaluate_model(
     ``log_px`` (k importance samples: mean, sem over examples, mean Monte Carlo stderr, median ESS, the fraction of
     examples whose Pareto k-hat exceeds the reliability threshold), ``posterior_gap`` (log p-hat - ELBO), and the
     latent usage of :func:`latent_usage`. Runs under ``torch.inference_mode``. ``compile``: the streamed log p(x)
-    estimates run compiled (see :func:`vaelab.estimators.log_marginal`).
+    estimates run compiled (see :func:`vaelab.estimators.log_marginal`); ``None``: exactly when the evaluation is
+    long enough to repay the compilation, k x examples >= :data:`AUTO_COMPILE_SAMPLES`.
     """
+    if compile is None:
+        compile = k * len(x) >= AUTO_COMPILE_SAMPLES
     per_example: dict[str, list[torch.Tensor]] = {}
 
     def add(key: str, value: torch.Tensor) -> None:
@@ -687,7 +696,7 @@ def diagnostics(
     study_ks: Sequence[int] | None = None,
     batch_size: int = 100,
     progress: bool = False,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Look inside a trained model: :func:`evaluate_model` plus the diagnostics above, in one JSON-ready dict.
 
@@ -698,7 +707,7 @@ def diagnostics(
     q* parameters), ``elbo_forms`` (:func:`elbo_form_variances`, ``form_k`` samples), ``iwae_curve``, and
     ``estimator_study`` on the first ``study_examples`` examples with ``study_ks`` (default k up to 1e5 when
     ``slow``, up to 1e3 otherwise). The model is put in eval mode and its training flag restored afterwards.
-    ``compile`` applies to :func:`evaluate_model`'s log p(x) estimates, the bulk of the work.
+    ``compile`` applies to :func:`evaluate_model`'s log p(x) estimates, the bulk of the work (``None``: automatic).
     """
     was_training = model.training
     model.eval()
