@@ -432,6 +432,22 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
     torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(), rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_training_without_a_working_compiler_warns_and_trains_eagerly(tmp_path, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()  # nothing compiled before may be reused (in memory or on disk): the compiler must run
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    trainer = Trainer(small_config(max_steps=20, compile=True), TRAIN, VALID, tmp_path / "run")
+    broken = {"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}
+    try:
+        with torch._inductor.config.patch(broken), pytest.warns(UserWarning, match="torch.compile failed"):
+            stats = [trainer.train_step() for _ in range(5)]
+    finally:
+        torch._dynamo.reset()
+    assert trainer.step == 5 and all(bool(torch.isfinite(s["loss"])) for s in stats)
+
+
 def test_resume_without_a_checkpoint_raises(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         train(small_config(max_steps=10), TRAIN, VALID, tmp_path, resume=True)

@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -313,7 +314,8 @@ class Trainer:
         # A schedule's changing values go in as 0-d tensors so that they do not trigger a recompilation each.
         self._forward = torch.compile(self._objective, dynamic=False) if config.compile else self._objective
         self._schedule_as_tensors = config.compile and not isinstance(self.schedule, Constant)
-        self._steps_taken = 0  # by this Trainer (the first runs eagerly: see train_step)
+        self._steps_taken = 0  # by this Trainer (the first runs eagerly: see _run_objective)
+        self._compiled_once = False
         self.step = 0
         self.best_elbo = -math.inf
         self.last_eval: dict[str, Any] | None = None
@@ -376,6 +378,27 @@ class Trainer:
         out = self.objective(self.model, x, k=self.config.k, **sched, **self.objective_options)
         return out.loss, out.elbo, out.recon, out.kl
 
+    def _run_objective(self, x: torch.Tensor, sched: dict[str, Any]) -> tuple[torch.Tensor | None, ...]:
+        """The objective, compiled where asked. The first step runs eagerly even then: it fills torch.distributions'
+        KL dispatch cache, whose lookup torch.compile cannot trace, and shows errors in the objective without a
+        compiler's traceback. If the compilation itself fails (no C++ compiler, say), a warning, and eager from then.
+        """
+        if self._forward is self._objective or self._steps_taken == 0:
+            return self._objective(x, sched)
+        try:
+            result = self._forward(x, sched)
+        except ValueError:
+            raise
+        except Exception as err:
+            if self._compiled_once:  # it compiled and ran before: this is not a compiler failure
+                raise
+            message = f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training eagerly"
+            warnings.warn(message, stacklevel=3)
+            self._forward = self._objective
+            return self._objective(x, sched)
+        self._compiled_once = True
+        return result
+
     def train_step(self) -> dict[str, torch.Tensor]:
         step = self.step
         x = self._batch(step)
@@ -387,12 +410,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
-        # The first step runs eagerly even when compiling: it fills torch.distributions' KL dispatch cache, whose
-        # lookup torch.compile cannot trace, and shows errors in the objective without a compiler's traceback.
-        forward = self._forward if self._steps_taken else self._objective
         try:
             with autocast, trusted_data():
-                out = ObjectiveOutput(*forward(x, sched))
+                out = ObjectiveOutput(*self._run_objective(x, sched))
         except ValueError as err:
             raise TrainingDiverged(f"step {step}: the batch was rejected: {err}") from err
         self._steps_taken += 1
