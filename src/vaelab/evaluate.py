@@ -111,6 +111,8 @@ def evaluate_model(
     """
     if compile is None:
         compile = k * len(x) >= AUTO_COMPILE_SAMPLES
+    if compile and progress:
+        print("compiling the log p(x) estimator for this model (once, ~5-30 s; --no-compile skips it)", file=sys.stderr)
     per_example: dict[str, list[torch.Tensor]] = {}
 
     def add(key: str, value: torch.Tensor) -> None:

@@ -385,6 +385,8 @@ class Trainer:
         """
         if self._forward is self._objective or self._steps_taken == 0:
             return self._objective(x, sched)
+        if not self._compiled_once and self.config.progress and self.rank == 0:
+            print("compiling the objective (once, ~10-60 s)", file=sys.stderr)
         try:
             result = self._forward(x, sched)
         except ValueError:
