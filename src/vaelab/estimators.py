@@ -40,6 +40,10 @@ _FLAT_TAIL = 1e-6
 # (docs/performance.md, logpx_eval.py --also-chunk-sizes).
 _AUTO_CHUNK_ELEMENTS = 1 << 20
 _AUTO_CHUNK_ELEMENTS_COMPILED = 1 << 21
+# On CUDA a chunk's decoder output may take 1/16 of the free memory (a handful of such temporaries live at once), up to
+# 2^28 values (1 GiB of float32). Not measured: no GPU was available to this project's sessions so far.
+_CUDA_TEMPORARIES = 16
+_CUDA_MAX_CHUNK_ELEMENTS = 1 << 28
 
 
 # --- validation ----------------------------------------------------------------------------------------------------
@@ -402,9 +406,13 @@ def pareto_khat(top_log_weights: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, torch.full_like(khat, -math.inf), khat)
 
 
-def _auto_chunk(model, batch: int, k: int, *, compiled: bool = False) -> int:
-    per_sample = batch * max(math.prod(model.data_shape), model.latent_dim)
+def _auto_chunk(model, x: torch.Tensor, k: int, *, compiled: bool = False) -> int:
+    """Samples per chunk: on CPU a few MiB of decoder output (caches decide); on a GPU, from its free memory."""
+    per_sample = x.shape[0] * max(math.prod(model.data_shape), model.latent_dim)
     elements = _AUTO_CHUNK_ELEMENTS_COMPILED if compiled else _AUTO_CHUNK_ELEMENTS
+    if x.device.type == "cuda":  # large kernels pay on a GPU: 1/_CUDA_TEMPORARIES of the free memory per tensor
+        free, _ = torch.cuda.mem_get_info(x.device)
+        elements = max(elements, min(free // (x.element_size() * _CUDA_TEMPORARIES), _CUDA_MAX_CHUNK_ELEMENTS))
     return max(1, min(k, elements // max(per_sample, 1)))
 
 
@@ -419,7 +427,7 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False) -> _We
     _check_count(k, "k")
     _check_choice(proposal, "proposal", PROPOSALS)
     if chunk_size is None:
-        chunk_size = _auto_chunk(model, x.shape[0], k, compiled=compile)
+        chunk_size = _auto_chunk(model, x, k, compiled=compile)
     _check_count(chunk_size, "chunk_size")
     stats = _WeightStats(tail=tail)
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
