@@ -291,6 +291,40 @@ def test_weight_stats_stderr_matches_delta_method_on_known_weights():
     torch.testing.assert_close(result.stderr, expected, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 333, 5000])
+def test_weight_stats_prefix_bounds_are_the_iwae_bounds_of_the_first_samples(chunk):
+    # heavy-tailed weights (scale 3) so that a careless rescaling of the running sum would show
+    lw = torch.randn(5000, 4, generator=torch.Generator().manual_seed(2), dtype=DTYPE) * 3 - 100
+    prefixes = (1, 10, 100, 1000, 4999, 5000)
+    stats = _WeightStats(tail=0, prefixes=prefixes)
+    for part in lw.split(chunk):
+        stats.update(part)
+    result = stats.log_marginal()
+    for j in prefixes:
+        expected = torch.logsumexp(lw[:j], 0) - math.log(j)
+        torch.testing.assert_close(result.iwae[j], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.iwae[5000], result.value, rtol=1e-12, atol=0)
+
+
+def test_iwae_ladder_from_one_stream_brackets_log_px():
+    # IWAE_1 <= IWAE_10 <= ... <= log p(x) in expectation; averaged over many replicated examples the nested prefixes
+    # of one draw must be ordered and IWAE_1 must match the exact ELBO of q
+    torch.manual_seed(11)
+    model, x = make_model(noise="diagonal")
+    q = diagonal_q(model, x, **QS["far"])
+    reps = 400
+    x_rep, q_rep = replicate(x, q, reps)
+    result = vaelab.log_marginal(model, x_rep, k=1000, q=q_rep, iwae_ks=(1, 10, 100))
+    means = {j: mean_and_stderr(result.iwae[j], reps) for j in (1, 10, 100)}
+    assert_within_stderr(means[1][0], exact_elbo(model, x, q), means[1][1], what="IWAE_1 prefix = ELBO")
+    for lo, hi in ((1, 10), (10, 100)):
+        gap, se = means[hi][0] - means[lo][0], torch.hypot(means[hi][1], means[lo][1])
+        assert bool((gap > -Z_TOLERANCE * se).all()), (lo, hi, gap, se)
+    assert bool((means[100][0] < model.log_marginal_exact(x).detach() + Z_TOLERANCE * means[100][1]).all())
+    with pytest.raises(ValueError, match="at most k"):
+        vaelab.log_marginal(model, x, k=10, iwae_ks=(100,))
+
+
 # --- Pareto k-hat -------------------------------------------------------------------------------------------------
 # Reference values from a peer implementation (arviz 0.23.4, psislw) on the same log-weights.
 ARVIZ_KHAT = [

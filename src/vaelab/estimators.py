@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -279,6 +279,8 @@ class LogMarginal:
             :func:`pareto_k_threshold` (k) (0.7 for k >= 2200, stricter below) the estimate is reliable; above, its
             variance may be infinite and ``stderr`` meaningless. -inf when the tail is flat (the largest
             log-weights agree to 1e-6 relative, e.g. the exact posterior as proposal); NaN when k < 25 (too few to fit).
+        iwae: ``{j: IWAE_j}`` for the ``iwae_ks`` asked of :func:`log_marginal`: log (1/j) sum_{i <= j} w_i, the bound
+            from the first j of the same samples (nested prefixes of one draw, so no extra decoder passes).
     """
 
     value: torch.Tensor
@@ -286,6 +288,7 @@ class LogMarginal:
     ess: torch.Tensor
     pareto_k: torch.Tensor
     k: int
+    iwae: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,10 @@ class _WeightStats:
     ``c0`` (the first chunk's mean) so their squares do not lose precision. Accumulates in float64.
     """
 
-    def __init__(self, tail: int):
+    def __init__(self, tail: int, prefixes: tuple[int, ...] = ()):
         self.tail = tail  # how many of the largest log-weights to keep for the Pareto fit
+        self.prefixes = prefixes  # sample counts j at which to record IWAE_j of the first j samples
+        self.prefix_bounds: dict[int, torch.Tensor] = {}
         self.n = 0
 
     def update(self, lw: torch.Tensor) -> None:
@@ -318,6 +323,12 @@ class _WeightStats:
             zeros = torch.zeros_like(self.max)
             self.s_w, self.s_ww, self.s_wl, self.s_l, self.s_ll = (zeros.clone() for _ in range(5))
             self.top = lw[:0]
+        for j in self.prefixes:
+            if self.n < j <= self.n + lw.shape[0]:  # IWAE_j: the running sum so far plus this chunk's head
+                head = lw[: j - self.n]
+                m = torch.maximum(self.max, head.max(0).values)
+                s_w = self.s_w * torch.exp(self.max - m) + torch.exp(head - m).sum(0)
+                self.prefix_bounds[j] = m + torch.log(s_w) - math.log(j)
         new_max = torch.maximum(self.max, lw.max(0).values)
         rescale = torch.exp(self.max - new_max)
         w = torch.exp(lw - new_max)
@@ -341,7 +352,9 @@ class _WeightStats:
             stderr = ((n / ess - 1).clamp_min(0) / (n - 1)).sqrt()
         else:
             stderr = torch.full_like(value, math.nan)
-        return LogMarginal(value=value, stderr=stderr, ess=ess, pareto_k=self._pareto_k(), k=n)
+        return LogMarginal(
+            value=value, stderr=stderr, ess=ess, pareto_k=self._pareto_k(), k=n, iwae=dict(self.prefix_bounds)
+        )
 
     def posterior_gap(self) -> PosteriorGap:
         """gap = log(mean w) - mean(log w); delta-method variance from the pair (w, log w) of the same samples."""
@@ -422,14 +435,14 @@ def _compiled_log_weights():
     return torch.compile(_log_weights, dynamic=False)
 
 
-def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False) -> _WeightStats:
+def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefixes=()) -> _WeightStats:
     check_data(model, x)
     _check_count(k, "k")
     _check_choice(proposal, "proposal", PROPOSALS)
     if chunk_size is None:
         chunk_size = _auto_chunk(model, x, k, compiled=compile)
     _check_count(chunk_size, "chunk_size")
-    stats = _WeightStats(tail=tail)
+    stats = _WeightStats(tail=tail, prefixes=prefixes)
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
         r = _posterior(model, x, q) if proposal == "posterior" else None
         done = 0
@@ -463,6 +476,7 @@ def log_marginal(
     chunk_size: int | None = None,
     q: Distribution | None = None,
     compile: bool = False,
+    iwae_ks: Sequence[int] = (),
 ) -> LogMarginal:
     """Estimate log p(x) per example by importance sampling, streamed over ``k`` in chunks.
 
@@ -478,12 +492,20 @@ def log_marginal(
     batch shape, so worth it for long evaluations (docs/performance.md). Same estimator, different random draws. If
     compilation fails (e.g. no C++ compiler), a warning says so and the estimate is computed eagerly.
 
+    ``iwae_ks``: sample counts j <= k at which the IWAE_j bound of the first j samples is recorded as well
+    (``result.iwae[j]``): the whole IWAE ladder from the one stream of log-weights.
+
     Returns:
-        :class:`LogMarginal` with ``value``, ``stderr``, ``ess`` and ``pareto_k``, each ``[B]``.
+        :class:`LogMarginal` with ``value``, ``stderr``, ``ess`` and ``pareto_k``, each ``[B]``, and ``iwae``.
     """
-    return _stream(
-        model, x, k=k, proposal=proposal, chunk_size=chunk_size, q=q, tail=_pareto_tail_size(k), compile=compile
-    ).log_marginal()
+    prefixes = tuple(sorted({_check_count(j, "each of iwae_ks") for j in iwae_ks}))
+    if prefixes and prefixes[-1] > k:
+        raise ValueError(f"iwae_ks must be at most k = {k}, got {prefixes[-1]}")
+    tail = _pareto_tail_size(k)
+    stats = _stream(
+        model, x, k=k, proposal=proposal, chunk_size=chunk_size, q=q, tail=tail, compile=compile, prefixes=prefixes
+    )
+    return stats.log_marginal()
 
 
 def posterior_gap(

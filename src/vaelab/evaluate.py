@@ -39,7 +39,6 @@ from vaelab.estimators import (
     check_data,
     elbo,
     elbo_integrands,
-    iwae_bound,
     log_marginal,
     pareto_k_threshold,
 )
@@ -102,7 +101,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """The standard evaluation of a model on ``x`` (``[N, *data_shape]``, on the model's device).
 
-    Returns a JSON-ready dict: ``elbo`` (each form, ``elbo_k`` samples per example), ``iwae`` (bound per k),
+    Returns a JSON-ready dict: ``elbo`` (each form, ``elbo_k`` samples per example), ``iwae`` (bound per k; for
+    k up to log p(x)'s, from the first k of its samples: nested estimates from one draw, no extra decoder passes),
     ``log_px`` (k importance samples: mean, sem over examples, mean Monte Carlo stderr, median ESS, the fraction of
     examples whose Pareto k-hat exceeds the reliability threshold), ``posterior_gap`` (log p-hat - ELBO), and the
     latent usage of :func:`latent_usage`. Runs under ``torch.inference_mode``. ``compile``: the streamed log p(x)
@@ -129,14 +129,10 @@ def evaluate_model(
         for batch in batches:
             for form in ELBO_FORMS:
                 add(f"elbo_{form}", elbo(model, batch, k=elbo_k, form=form))
+            # IWAE_kk for kk <= k: the first kk of log p(x)'s own samples (one stream of log-weights for all of them)
+            r = log_marginal(model, batch, k=k, compile=compile, iwae_ks=[kk for kk in iwae_ks if kk <= k])
             for kk in iwae_ks:
-                add(
-                    f"iwae_{kk}",
-                    iwae_bound(model, batch, k=kk)
-                    if kk <= 1000
-                    else log_marginal(model, batch, k=kk, compile=compile).value,
-                )
-            r = log_marginal(model, batch, k=k, compile=compile)
+                add(f"iwae_{kk}", r.iwae[kk] if kk <= k else log_marginal(model, batch, k=kk, compile=compile).value)
             add("log_px", r.value)
             add("log_px_stderr", r.stderr)
             add("ess", r.ess)
