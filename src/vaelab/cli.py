@@ -301,12 +301,9 @@ def _add_eval(sub) -> None:
         "and KL per latent dimension. Binary models are evaluated on a fixed-seed binarization.",
     )
     p.add_argument("run_dir", help="a run directory written by vaelab train")
-    p.add_argument("--k", type=int, default=5000, help="importance samples for log p(x) (default: %(default)s)")
+    _add_estimation_flags(p, k=5000, examples=None, json_help="(default: RUN_DIR/eval_SPLIT.json)")
     p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="(default: %(default)s)")
-    p.add_argument("--examples", type=int, default=None, help="evaluate the first N examples (default: all)")
     p.add_argument("--batch-size", type=int, default=100, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="binarization and sampling seed (default: %(default)s)")
-    p.add_argument("--json", metavar="FILE", default=None, help="(default: RUN_DIR/eval_SPLIT.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--fast",
@@ -314,6 +311,16 @@ def _add_eval(sub) -> None:
         help="skip the slow diagnostics (gap decomposition into approximation and amortization gaps, IWAE curve, "
         "ELBO-form variances, naive-vs-IS study); about 5x faster",
     )
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_estimation_flags(p, *, k: int, examples: int | None, json_help: str) -> None:
+    """The flags of every command that estimates log p(x) (eval, report, compare)."""
+    p.add_argument("--k", type=int, default=k, help="importance samples for log p(x) (default: %(default)s)")
+    shown = "all" if examples is None else "%(default)s"
+    p.add_argument("--examples", type=int, default=examples, help=f"evaluate the first N examples (default: {shown})")
+    p.add_argument("--seed", type=int, default=0, help="binarization and sampling seed (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", default=None, help=json_help)
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -321,7 +328,6 @@ def _add_eval(sub) -> None:
         help="torch.compile the log p(x) estimator: 1.4-2x faster per sample after a compilation of ~5-30 s "
         "(default: only when k x examples >= 5,000,000, where it pays; docs/performance.md)",
     )
-    p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -363,8 +369,8 @@ def _add_pictures(sub) -> None:
 
 # --- report ------------------------------------------------------------------------------------------------------
 def _cmd_report(args: argparse.Namespace) -> int:
-    import vaelab.evaluate as evaluate
     from vaelab.checkpoint import atomic_write_text
+    from vaelab.evaluate import diagnostics
     from vaelab.plots import draw_pictures
     from vaelab.report import write_report
 
@@ -378,13 +384,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     labels = _load_splits(run.config).test_labels
     labels = None if labels is None else labels[: len(x)]
     torch_seed(args.seed)
-    # diagnostics() extends evaluate_model() with the gap decomposition, ELBO-form variances, the estimator study
-    # and the IWAE curve; a vaelab without it still gets a report of the standard evaluation.
-    diagnose = getattr(evaluate, "diagnostics", None)
-    if diagnose is not None:
-        result = diagnose(run.model, x, k=args.k, slow=not args.fast, progress=not args.no_progress)
-    else:
-        result = evaluate.evaluate_model(run.model, x, k=args.k, progress=not args.no_progress)
+    progress = not args.no_progress
+    result = diagnostics(run.model, x, k=args.k, slow=not args.fast, progress=progress, compile=args.compile)
     _add_ppca_baseline(run, x, result)
     result.update(run_dir=str(run_dir), split="test", weights=str(run.weights), seed=args.seed)
     json_path = Path(args.json) if args.json else run_dir / "diagnostics_test.json"
@@ -410,15 +411,10 @@ def _add_report(sub) -> None:
     )
     p.add_argument("run_dir", help="a run directory written by vaelab train")
     p.add_argument("--out", metavar="FILE.html", default=None, help="(default: RUN_DIR/report.html)")
-    p.add_argument("--k", type=int, default=5000, help="importance samples for log p(x) (default: %(default)s)")
-    p.add_argument(
-        "--examples", type=int, default=1000, help="evaluate the first N test examples (default: %(default)s)"
-    )
+    _add_estimation_flags(p, k=5000, examples=1000, json_help="(default: RUN_DIR/diagnostics_test.json)")
     p.add_argument(
         "--fast", action="store_true", help="skip the slowest diagnostics (the estimator study stops at k = 1000)"
     )
-    p.add_argument("--seed", type=int, default=0, help="binarization and sampling seed (default: %(default)s)")
-    p.add_argument("--json", metavar="FILE", default=None, help="(default: RUN_DIR/diagnostics_test.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_report)
 
@@ -431,7 +427,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         run = _load(run_dir)
         runs.append((str(run_dir), run, _eval_data(run, "test", args.examples, args.seed)))
     torch_seed(args.seed)
-    rows = compare_latent_usage(runs, k=args.k)
+    rows = compare_latent_usage(runs, k=args.k, compile=args.compile)
     print(f"{'run':<30} {'beta':>6} {'active':>7} {'KL total':>9} {'ELBO':>9} {'log p(x)':>9}   (nats per example)")
     for r in rows:
         beta = "-" if r["beta"] is None else f"{r['beta']:.3g}"
@@ -459,10 +455,7 @@ def _add_compare(sub) -> None:
         "weight beta of each run: active units, total KL(q || p(z)), ELBO and log p(x).",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by vaelab train")
-    p.add_argument("--examples", type=int, default=1000, help="test examples per run (default: %(default)s)")
-    p.add_argument("--k", type=int, default=1000, help="importance samples for log p(x) (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--json", metavar="FILE", default=None, help="write the rows as JSON (default: none)")
+    _add_estimation_flags(p, k=1000, examples=1000, json_help="write the rows as JSON (default: none)")
     p.add_argument("--out", metavar="FILE.png", default=None, help="picture of usage against beta (default: none)")
     p.set_defaults(func=_cmd_compare)
 

@@ -735,15 +735,18 @@ def final_beta(config) -> float | None:
     return weights.get("beta")
 
 
-def compare_latent_usage(runs: Sequence[tuple[str, Any, torch.Tensor]], *, k: int = 1000) -> list[dict[str, Any]]:
+def compare_latent_usage(
+    runs: Sequence[tuple[str, Any, torch.Tensor]], *, k: int = 1000, compile: bool | None = None
+) -> list[dict[str, Any]]:
     """How latent usage moves across runs (e.g. a beta sweep): one row per ``(name, run, x)``, sorted by final beta.
 
     Each row: ``beta`` (final), ``schedule``, ``active_units``, ``latent_dim``, ``kl_total`` (sum of KL per dimension,
-    nats), ``kl_per_dim``, ``elbo`` and ``log_px`` (k importance samples; mean and sem over ``x``).
+    nats), ``kl_per_dim``, ``elbo`` and ``log_px`` (k importance samples; mean and sem over ``x``). ``compile`` as
+    in :func:`evaluate_model`.
     """
     rows = []
     for name, run, x in runs:
-        result = evaluate_model(run.model, x, k=k, iwae_ks=(), elbo_k=1, progress=False)
+        result = evaluate_model(run.model, x, k=k, iwae_ks=(), elbo_k=1, progress=False, compile=compile)
         kl = result["kl_per_dim"]
         rows.append(
             {
