@@ -49,7 +49,7 @@ from vaelab.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vaelab.data import binarize_dynamic
+from vaelab.data import binarize_dynamic, binarize_fixed
 from vaelab.estimators import check_values, elbo_parts, log_marginal, trusted_data
 from vaelab.hierarchical import HierarchicalVAE
 from vaelab.likelihoods import LIKELIHOODS
@@ -451,9 +451,8 @@ class Trainer:
             return {}
         if self.config.eval_examples is not None:
             data = data[: self.config.eval_examples]
-        g = torch.Generator().manual_seed(self.config.seed + 7919)  # fixed binarization of the evaluation set
-        if self.config.binarizes:
-            data = torch.bernoulli(data.cpu(), generator=g).to(self.device)
+        if self.config.binarizes:  # one fixed binarization of the evaluation set, the same at every evaluation
+            data = binarize_fixed(data, seed=self.config.seed + 7919)
         elbos, iwaes = [], []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), trusted_data():  # RNG of training untouched
