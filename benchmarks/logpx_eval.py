@@ -61,8 +61,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from matmul_peak import matmul_peak
+from peers import pythae_vae
 from provenance import DEFAULT_DATA_DIR, RESULTS, command_python, vaelab_commit
 
 import vaelab
@@ -112,31 +112,8 @@ def _maxrss_mib() -> float:
 # --- the peers, built around vaelab's networks -------------------------------------------------------------------
 def pythae_model(model):
     """A pythae VAE whose encoder and decoder are ``model``'s networks (same weights, same q and p(x|z))."""
-    from pythae.models import VAE, VAEConfig
-    from pythae.models.base.base_utils import ModelOutput
-    from pythae.models.nn import BaseDecoder, BaseEncoder
-
-    min_scale = model.posterior.min_scale
-
-    class Encoder(BaseEncoder):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            loc, raw = self.net(x).chunk(2, dim=-1)
-            return ModelOutput(embedding=loc, log_covariance=2 * torch.log(F.softplus(raw) + min_scale))
-
-    class Decoder(BaseDecoder):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, z):
-            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
-
-    config = VAEConfig(input_dim=tuple(model.data_shape), latent_dim=model.latent_dim, reconstruction_loss="bce")
-    return VAE(config, encoder=Encoder(model.encoder), decoder=Decoder(model.decoder)).eval()
+    shape = dict(data_shape=model.data_shape, latent_dim=model.latent_dim, min_scale=model.posterior.min_scale)
+    return pythae_vae(model.encoder, model.decoder, **shape).eval()
 
 
 def pyro_model_guide(model):

@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from matmul_peak import matmul_peak, matmul_rate
+from peers import pythae_vae
 from provenance import DEFAULT_DATA_DIR, RESULTS, command_python, vaelab_commit
 from torch import nn
 
@@ -236,30 +237,9 @@ def pythae_factory() -> Callable | None:
     """The pythae implementation's class, or None (with a printed note) when pythae cannot be imported."""
     try:
         from pythae.data.datasets import DatasetOutput
-        from pythae.models import VAE, VAEConfig
-        from pythae.models.base.base_utils import ModelOutput
-        from pythae.models.nn import BaseDecoder, BaseEncoder
     except Exception as err:  # not installed, or installed against an incompatible torch/pydantic
         print(f"note: pythae is not importable ({type(err).__name__}: {err}); skipping it", file=sys.stderr)
         return None
-
-    class Encoder(BaseEncoder):
-        def __init__(self, net: nn.Module):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            loc, raw = self.net(x).chunk(2, dim=-1)
-            # the same q as vaelab's, in pythae's parameterization (mean, log-variance)
-            return ModelOutput(embedding=loc, log_covariance=2 * torch.log(F.softplus(raw) + MIN_SCALE))
-
-    class Decoder(BaseDecoder):
-        def __init__(self, net: nn.Module):
-            super().__init__()
-            self.net = net
-
-        def forward(self, z):
-            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))  # pythae's "bce" takes probabilities
 
     class Pythae(Implementation):
         name = "pythae"
@@ -271,8 +251,8 @@ def pythae_factory() -> Callable | None:
 
         def __init__(self, init, data, batch_size, args):
             super().__init__(init, data, batch_size, args)
-            config = VAEConfig(input_dim=(PIXELS,), latent_dim=LATENT, reconstruction_loss="bce")
-            self.model = VAE(config, encoder=Encoder(self.encoder), decoder=Decoder(self.decoder))
+            shape = dict(data_shape=(PIXELS,), latent_dim=LATENT, min_scale=MIN_SCALE)
+            self.model = pythae_vae(self.encoder, self.decoder, **shape)
             self.model.train()
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
 
