@@ -101,8 +101,9 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """The standard evaluation of a model on ``x`` (``[N, *data_shape]``, on the model's device).
 
-    Returns a JSON-ready dict: ``elbo`` (each form, ``elbo_k`` samples per example), ``iwae`` (bound per k; for
-    k up to log p(x)'s, from the first k of its samples: nested estimates from one draw, no extra decoder passes),
+    Returns a JSON-ready dict: ``elbo`` (each form, from the same ``elbo_k`` samples per example), ``iwae`` (bound
+    per k; for k up to log p(x)'s, from the first k of its samples: nested estimates of one draw, no extra decoder
+    passes),
     ``log_px`` (k importance samples: mean, sem over examples, mean Monte Carlo stderr, median ESS, the fraction of
     examples whose Pareto k-hat exceeds the reliability threshold), ``posterior_gap`` (log p-hat - ELBO), and the
     latent usage of :func:`latent_usage`. Runs under ``torch.inference_mode``. ``compile``: the streamed log p(x)
@@ -127,8 +128,8 @@ def evaluate_model(
     model.eval()
     with torch.inference_mode():
         for batch in batches:
-            for form in ELBO_FORMS:
-                add(f"elbo_{form}", elbo(model, batch, k=elbo_k, form=form))
+            for form, integrand in elbo_integrands(model, batch, k=elbo_k).items():  # the three forms, one draw
+                add(f"elbo_{form}", integrand.mean(0))
             # IWAE_kk for kk <= k: the first kk of log p(x)'s own samples (one stream of log-weights for all of them)
             r = log_marginal(model, batch, k=k, compile=compile, iwae_ks=[kk for kk in iwae_ks if kk <= k])
             for kk in iwae_ks:
