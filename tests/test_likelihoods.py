@@ -295,3 +295,62 @@ def test_check_data_rejects_continuous_bernoulli_data_outside_unit_interval(bad)
     x[0, 2] = bad
     with pytest.raises(ValueError, match="outside the likelihood's support"):
         check_data(model, x)
+
+
+# --- the compiled Bernoulli log-probability (one exp per value, a log per block) ---------------------------------
+@pytest.fixture
+def fresh_dynamo():
+    import torch._dynamo
+
+    torch._dynamo.reset()  # every case compiles its own graph: no recompile limit across parametrized cases
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_log_prob(likelihood):
+    return torch.compile(lambda logits, x: likelihood(logits).log_prob(x), dynamic=False)
+
+
+@pytest.mark.parametrize("data_shape", [(784,), (1, 28, 28), (131,), (6,)])  # blocks of 56, 56, 1 (prime), 6 values
+def test_bernoulli_compiled_log_prob_equals_torch_float64(fresh_dynamo, data_shape):
+    g = torch.Generator().manual_seed(0)
+    likelihood = BernoulliLikelihood(data_shape)
+    logits = 20 * torch.randn(K, B, *data_shape, generator=g, dtype=torch.float64)  # many saturated pixels
+    x = (torch.rand(B, *data_shape, generator=g) < 0.3).double()
+    expected = likelihood(logits).log_prob(x)  # eager: torch's Bernoulli
+    with torch.no_grad():
+        got = _compiled_log_prob(likelihood)(logits, x)
+    assert got.shape == (K, B)
+    # one rounding per value and per block product: float64 agreement to ~1e-15 of the summed magnitudes
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12 * math.prod(data_shape))
+
+
+def test_bernoulli_compiled_log_prob_float32_and_bfloat16_accuracy(fresh_dynamo):
+    g = torch.Generator().manual_seed(1)
+    likelihood = BernoulliLikelihood((784,))
+    logits = 5 * torch.randn(K, B, 784, generator=g, dtype=torch.float64)
+    x = (torch.rand(B, 784, generator=g) < 0.3).double()
+    exact = likelihood(logits).log_prob(x)
+    f = _compiled_log_prob(likelihood)
+    with torch.no_grad():
+        got32 = f(logits.float(), x.float())
+        eager32 = likelihood(logits.float()).log_prob(x.float())
+        half = logits.to(torch.bfloat16)
+        got_bf16 = _compiled_log_prob(likelihood)(half, x.float())
+    # float32: as accurate as torch's own float32 formula (784 roundings of terms of size ~1 in the sum dominate)
+    err32, err_torch = (got32.double() - exact).abs().max(), (eager32.double() - exact).abs().max()
+    assert err32 < max(2 * err_torch, 1e-4), (err32, err_torch)
+    # bfloat16 logits are summed in float32: exact for the rounded logits up to float32 rounding
+    assert got_bf16.dtype == torch.float32
+    torch.testing.assert_close(got_bf16.double(), likelihood(half.double()).log_prob(x), rtol=1e-6, atol=1e-3)
+
+
+def test_bernoulli_compiled_log_prob_with_gradients_is_torchs(fresh_dynamo):
+    g = torch.Generator().manual_seed(2)
+    likelihood = BernoulliLikelihood((6,))
+    logits = torch.randn(K, B, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    x = (torch.rand(B, 6, generator=g) < 0.5).double()
+    got = _compiled_log_prob(likelihood)(logits, x)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    torch.testing.assert_close(got, likelihood(logits).log_prob(x))
+    torch.testing.assert_close(grad, (x - torch.sigmoid(logits)).detach())  # d/dl log p = x - sigmoid(l)

@@ -42,13 +42,48 @@ class Likelihood(nn.Module):
         return Independent(base, len(self.data_shape), validate_args=False)
 
 
+# Values per block of the compiled Bernoulli log-normalizer: each factor 1 + e^-|l| lies in (1, 2], so a block's product
+# stays below 2^64 (float32 and bfloat16 reach 2^128) and is accurate to ~64 float32 roundings (~4e-6 relative).
+_BERNOULLI_BLOCK = 64
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(b for b in range(1, min(n, limit) + 1) if n % b == 0)
+
+
+class IndependentBernoulli(Independent):
+    """``Independent(Bernoulli(logits), n)`` whose ``log_prob`` takes one ``exp`` per value inside compiled evaluation.
+
+    log p(x) = sum_i x_i l_i - softplus(l_i), softplus(l) = max(l, 0) + log(1 + e^-|l|). torch's Bernoulli computes
+    each value's BCE-with-logits (two ``exp`` and a ``log``). Inside ``torch.compile`` without gradients (the
+    importance-sampling hot path: k = 5000 decoder passes per example) the last term is summed instead as
+    sum_blocks log prod_{i in block} (1 + e^-|l_i|): one ``exp`` per value and one ``log`` per block of up to 64
+    values (the largest divisor of the event size), 12% faster per importance sample on the iwae-1layer model
+    (docs/performance.md). Half-precision logits are summed in float32. Eagerly (where the extra passes would cost
+    more than they save) and with gradients (the product's backward is slow), torch's formula.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not torch.compiler.is_compiling():
+            return super().log_prob(value)
+        logits = self.base_dist.logits
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        n = self.reinterpreted_batch_ndims
+        logits, value = logits.flatten(-n), value.flatten(-n)  # (..., D)
+        size = logits.shape[-1]
+        blocks = logits.abs().neg().exp().add(1).unflatten(-1, (-1, _largest_divisor(size, _BERNOULLI_BLOCK)))
+        return (value * logits - logits.clamp(min=0)).sum(-1) - blocks.prod(-1).log().sum(-1)
+
+
 class BernoulliLikelihood(Likelihood):
     """p(x|z) = prod_i Bernoulli(x_i; sigmoid(logit_i)) for binary data. log_prob is BCE-with-logits (stable)."""
 
     support = constraints.boolean
 
     def forward(self, logits: torch.Tensor) -> Distribution:
-        return self._independent(Bernoulli(logits=logits, validate_args=False))
+        base = Bernoulli(logits=logits, validate_args=False)
+        return IndependentBernoulli(base, len(self.data_shape), validate_args=False)
 
 
 class StableContinuousBernoulli(ContinuousBernoulli):
