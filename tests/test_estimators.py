@@ -303,7 +303,13 @@ def test_weight_stats_prefix_bounds_are_the_iwae_bounds_of_the_first_samples(chu
     for j in prefixes:
         expected = torch.logsumexp(lw[:j], 0) - math.log(j)
         torch.testing.assert_close(result.iwae[j], expected, rtol=1e-12, atol=1e-12)
+        if j > 1:  # the delta-method stderr of the first j weights alone, as for the whole stream
+            w = torch.exp(lw[:j] - lw[:j].max(0).values)
+            se = w.std(0) / w.mean(0) / math.sqrt(j)
+            torch.testing.assert_close(result.iwae_stderr[j], se, rtol=1e-9, atol=0)
+    assert bool(result.iwae_stderr[1].isnan().all())  # one weight: no error estimate
     torch.testing.assert_close(result.iwae[5000], result.value, rtol=1e-12, atol=0)
+    torch.testing.assert_close(result.iwae_stderr[5000], result.stderr, rtol=1e-12, atol=0)
 
 
 def test_iwae_ladder_from_one_stream_brackets_log_px():

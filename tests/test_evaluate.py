@@ -101,12 +101,13 @@ def tiny_vae():
 
 
 # --- 1. gap decomposition ---------------------------------------------------------------------------------------------
-def test_gap_decomposition_of_a_poor_q_matches_exact_kls():
+@pytest.mark.parametrize("compile", [False, True])  # compiled: the log p-hat of all three proposals, mixture included
+def test_gap_decomposition_of_a_poor_q_matches_exact_kls(compile):
     torch.manual_seed(0)
     model, x = correlated_model()
     q_poor = shifted_q(model, x, shift=0.5, scale_factor=1.3)  # over-dispersed: a proposal that covers the posterior
     kl_poor, kl_opt = exact_kl(model, x, q_poor), exact_kl(model, x, optimal_mean_field_q(model, x))
-    r = gap_decomposition(model, x, q=q_poor, **GAP_SETTINGS)
+    r = gap_decomposition(model, x, q=q_poor, **GAP_SETTINGS, compile=compile)
 
     # log p-hat declares itself reliable, so its stderr can be trusted
     assert max(r["log_px"]["pareto_k"]) < 0.7
@@ -234,11 +235,13 @@ def test_estimator_study_importance_sampling_beats_naive_and_converges():
 
 
 # --- 4. IWAE curve ----------------------------------------------------------------------------------------------------
-def test_iwae_curve_is_nondecreasing_and_below_log_px():
+@pytest.mark.parametrize("compile", [False, True])
+def test_iwae_curve_is_nondecreasing_and_below_log_px(compile):
+    # the points are nested prefixes of one stream of 5000 samples (compiled or not): the same properties must hold
     torch.manual_seed(7)
     model, x = correlated_model(n=20)
     exact = model.log_marginal_exact(x).detach().mean().item()
-    r = iwae_curve(model, x, q=shifted_q(model, x, shift=0.5, scale_factor=1.5))
+    r = iwae_curve(model, x, q=shifted_q(model, x, shift=0.5, scale_factor=1.5), compile=compile)
     json.dumps(r, allow_nan=False)
     assert r["k"] == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
     assert r["mc_sem"][0] is None  # one sample has no spread; compare from k = 2 on

@@ -281,6 +281,7 @@ class LogMarginal:
             log-weights agree to 1e-6 relative, e.g. the exact posterior as proposal); NaN when k < 25 (too few to fit).
         iwae: ``{j: IWAE_j}`` for the ``iwae_ks`` asked of :func:`log_marginal`: log (1/j) sum_{i <= j} w_i, the bound
             from the first j of the same samples (nested prefixes of one draw, so no extra decoder passes).
+        iwae_stderr: ``{j: stderr of IWAE_j}``, the delta-method error of ``value`` computed from the first j weights.
     """
 
     value: torch.Tensor
@@ -289,6 +290,7 @@ class LogMarginal:
     pareto_k: torch.Tensor
     k: int
     iwae: dict[int, torch.Tensor] = field(default_factory=dict)
+    iwae_stderr: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,17 @@ class PosteriorGap:
 
     value: torch.Tensor
     stderr: torch.Tensor
+
+
+def _bound_and_stderr(m, s_w, s_ww, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log (1/n) sum w, its delta-method stderr and the ESS, from sums of w and w^2 taken relative to e^m."""
+    value = m + torch.log(s_w) - math.log(n)
+    ess = s_w**2 / s_ww
+    if n > 1:
+        stderr = ((n / ess - 1).clamp_min(0) / (n - 1)).sqrt()
+    else:
+        stderr = torch.full_like(value, math.nan)
+    return value, stderr, ess
 
 
 class _WeightStats:
@@ -312,7 +325,7 @@ class _WeightStats:
     def __init__(self, tail: int, prefixes: tuple[int, ...] = ()):
         self.tail = tail  # how many of the largest log-weights to keep for the Pareto fit
         self.prefixes = prefixes  # sample counts j at which to record IWAE_j of the first j samples
-        self.prefix_bounds: dict[int, torch.Tensor] = {}
+        self.prefix_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # j -> (IWAE_j, its stderr)
         self.n = 0
 
     def update(self, lw: torch.Tensor) -> None:
@@ -327,8 +340,9 @@ class _WeightStats:
             if self.n < j <= self.n + lw.shape[0]:  # IWAE_j: the running sum so far plus this chunk's head
                 head = lw[: j - self.n]
                 m = torch.maximum(self.max, head.max(0).values)
-                s_w = self.s_w * torch.exp(self.max - m) + torch.exp(head - m).sum(0)
-                self.prefix_bounds[j] = m + torch.log(s_w) - math.log(j)
+                rescale, w = torch.exp(self.max - m), torch.exp(head - m)
+                s_w, s_ww = self.s_w * rescale + w.sum(0), self.s_ww * rescale**2 + (w * w).sum(0)
+                self.prefix_bounds[j] = _bound_and_stderr(m, s_w, s_ww, j)[:2]
         new_max = torch.maximum(self.max, lw.max(0).values)
         rescale = torch.exp(self.max - new_max)
         w = torch.exp(lw - new_max)
@@ -345,15 +359,15 @@ class _WeightStats:
         self.n += lw.shape[0]
 
     def log_marginal(self) -> LogMarginal:
-        n = self.n
-        value = self.max + torch.log(self.s_w) - math.log(n)
-        ess = self.s_w**2 / self.s_ww
-        if n > 1:
-            stderr = ((n / ess - 1).clamp_min(0) / (n - 1)).sqrt()
-        else:
-            stderr = torch.full_like(value, math.nan)
+        value, stderr, ess = _bound_and_stderr(self.max, self.s_w, self.s_ww, self.n)
         return LogMarginal(
-            value=value, stderr=stderr, ess=ess, pareto_k=self._pareto_k(), k=n, iwae=dict(self.prefix_bounds)
+            value=value,
+            stderr=stderr,
+            ess=ess,
+            pareto_k=self._pareto_k(),
+            k=self.n,
+            iwae={j: bound for j, (bound, _) in self.prefix_bounds.items()},
+            iwae_stderr={j: se for j, (_, se) in self.prefix_bounds.items()},
         )
 
     def posterior_gap(self) -> PosteriorGap:

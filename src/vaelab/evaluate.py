@@ -88,6 +88,11 @@ def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, 
 AUTO_COMPILE_SAMPLES = 5_000_000
 
 
+def _should_compile(compile: bool | None, samples: int) -> bool:
+    """``compile`` as given, or (``None``) whether ``samples`` importance samples repay a compilation."""
+    return samples >= AUTO_COMPILE_SAMPLES if compile is None else compile
+
+
 def evaluate_model(
     model,
     x: torch.Tensor,
@@ -110,8 +115,7 @@ def evaluate_model(
     estimates run compiled (see :func:`vaelab.estimators.log_marginal`); ``None``: exactly when the evaluation is
     long enough to repay the compilation, k x examples >= :data:`AUTO_COMPILE_SAMPLES`.
     """
-    if compile is None:
-        compile = k * len(x) >= AUTO_COMPILE_SAMPLES
+    compile = _should_compile(compile, k * len(x))
     if compile and progress:
         print("compiling the log p(x) estimator for this model (once, ~5-30 s; --no-compile skips it)", file=sys.stderr)
     per_example: dict[str, list[torch.Tensor]] = {}
@@ -355,6 +359,7 @@ def gap_decomposition(
     batch_size: int = 100,
     chunk_size: int | None = None,
     progress: bool = False,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Split the posterior gap into approximation and amortization gaps (Cremer, Li & Duvenaud, 2018).
 
@@ -396,6 +401,8 @@ def gap_decomposition(
         elbo_k: samples for each ELBO estimate (default ``k``); elbo_form: its form (see above).
         q: the q to decompose, ``[B]`` batch; default ``model.encode(x)``.
         batch_size: examples optimised together (independently); chunk_size: passed to ``log_marginal``.
+        compile: run the three log p-hat estimates compiled (``log_marginal(compile=True)``); ``None``: when their
+            3 k x examples samples reach :data:`AUTO_COMPILE_SAMPLES`.
 
     Returns:
         ``posterior_gap``, ``approximation_gap``, ``amortization_gap``, ``log_px`` (mixture proposal),
@@ -414,6 +421,7 @@ def gap_decomposition(
         raise ValueError(f"lr must be > 0, got {lr}")
     if elbo_form not in ELBO_FORMS:
         raise ValueError(f"elbo_form must be one of {ELBO_FORMS}, got {elbo_form!r}")
+    compile = _should_compile(compile, 3 * k * len(x))
     parts: dict[str, list[torch.Tensor]] = {}
 
     def add(key: str, value: torch.Tensor) -> None:
@@ -425,9 +433,9 @@ def gap_decomposition(
         q_enc = _encoder_q(model, xb, qb)
         loc0, scale0 = _gaussian_q(q_enc)
         q_star = _optimise_q(model, xb, loc0, scale0, steps=steps, lr=lr, samples_per_step=samples_per_step, bar=bar)
-        lp = log_marginal(model, xb, k=k, q=_defensive_mixture(q_enc, q_star), chunk_size=chunk_size)
-        lp_enc = log_marginal(model, xb, k=k, q=q_enc, chunk_size=chunk_size)
-        lp_star = log_marginal(model, xb, k=k, q=q_star, chunk_size=chunk_size)
+        lp = log_marginal(model, xb, k=k, q=_defensive_mixture(q_enc, q_star), chunk_size=chunk_size, compile=compile)
+        lp_enc = log_marginal(model, xb, k=k, q=q_enc, chunk_size=chunk_size, compile=compile)
+        lp_star = log_marginal(model, xb, k=k, q=q_star, chunk_size=chunk_size, compile=compile)
         elbo_enc, se_enc, used_elbo_k = _elbo_with_stderr(model, xb, q_enc, elbo_k, elbo_form)
         elbo_star, se_star, _ = _elbo_with_stderr(model, xb, q_star, elbo_k, elbo_form)
         for name, estimate in (("mix", lp), ("enc", lp_enc), ("star", lp_star)):
@@ -610,29 +618,34 @@ def iwae_curve(
     chunk_size: int | None = None,
     batch_size: int = 100,
     progress: bool = False,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """IWAE_k per example for each k, summarised over examples; non-decreasing in k and below log p(x) in expectation.
 
-    Each point is ``log_marginal(..., k).value`` with q as proposal, the single-draw IWAE_k estimate (the same number
-    :func:`vaelab.estimators.iwae_bound` gives, streamed so memory is flat in k), which also brings its delta-method
-    stderr. Points for different k use independent samples.
+    One stream of max(ks) importance samples from q per example (:func:`vaelab.estimators.log_marginal` with
+    ``iwae_ks=ks``); the point at k is the IWAE_k bound of its first k samples, with the delta-method stderr of those
+    k weights. The points are nested prefixes of one draw, so they are correlated: each point's error holds on its
+    own, and the difference between two points is more precise than their errors added in quadrature suggest. The
+    whole curve costs max(ks) decoder passes per example (not sum(ks)). ``compile``: as for ``log_marginal``;
+    ``None``: when max(ks) x examples reaches :data:`AUTO_COMPILE_SAMPLES`.
 
     Returns:
         parallel lists over ``k``: ``mean``, ``sem`` (over examples), ``mean_mc_stderr`` and ``mc_sem`` (Monte Carlo
         error of ``mean``, the one to use when comparing two k; None at k = 1), plus ``examples``.
     """
     ks = [int(kk) for kk in ks]
+    compile = _should_compile(compile, max(ks) * len(x))
     values: dict[int, list[torch.Tensor]] = {kk: [] for kk in ks}
     stderrs: dict[int, list[torch.Tensor]] = {kk: [] for kk in ks}
-    bar = _bar(progress, len(x) * len(ks), "IWAE curve", "example")
+    bar = _bar(progress, len(x), "IWAE curve", "example")
     for xb, qb in _batches(x, q, batch_size):
         qb = _encoder_q(model, xb, qb)
+        r = log_marginal(model, xb, k=max(ks), q=qb, chunk_size=chunk_size, compile=compile, iwae_ks=ks)
         for kk in ks:
-            r = log_marginal(model, xb, k=kk, q=qb, chunk_size=chunk_size)
-            values[kk].append(r.value.cpu())
-            stderrs[kk].append(r.stderr.cpu())
-            if bar is not None:
-                bar.update(len(xb))
+            values[kk].append(r.iwae[kk].cpu())
+            stderrs[kk].append(r.iwae_stderr[kk].cpu())
+        if bar is not None:
+            bar.update(len(xb))
     if bar is not None:
         bar.close()
     points = [_per_example(torch.cat(values[kk]), torch.cat(stderrs[kk])) for kk in ks]
@@ -706,17 +719,22 @@ def diagnostics(
     q* parameters), ``elbo_forms`` (:func:`elbo_form_variances`, ``form_k`` samples), ``iwae_curve``, and
     ``estimator_study`` on the first ``study_examples`` examples with ``study_ks`` (default k up to 1e5 when
     ``slow``, up to 1e3 otherwise). The model is put in eval mode and its training flag restored afterwards.
-    ``compile`` applies to :func:`evaluate_model`'s log p(x) estimates, the bulk of the work (``None``: automatic).
+    ``compile`` applies to every streamed log p(x) estimate of :func:`evaluate_model`, :func:`gap_decomposition` and
+    :func:`iwae_curve`, the bulk of the work (``None``: compiled when k x examples reaches
+    :data:`AUTO_COMPILE_SAMPLES`; one compilation per proposal family and batch shape).
     """
+    compile = _should_compile(compile, k * len(x))
     was_training = model.training
     model.eval()
     try:
         result = evaluate_model(model, x, k=k, batch_size=batch_size, progress=progress, compile=compile)
         gaps = gap_decomposition(
-            model, x, k=k, steps=steps, lr=lr, elbo_k=elbo_k, batch_size=batch_size, progress=progress
+            model, x, k=k, steps=steps, lr=lr, elbo_k=elbo_k, batch_size=batch_size, progress=progress, compile=compile
         )
         result["elbo_forms"] = elbo_form_variances(model, x, k=form_k, batch_size=batch_size)
-        result["iwae_curve"] = iwae_curve(model, x, ks=iwae_ks, batch_size=batch_size, progress=progress)
+        result["iwae_curve"] = iwae_curve(
+            model, x, ks=iwae_ks, batch_size=batch_size, progress=progress, compile=compile
+        )
         ks = study_ks if study_ks is not None else (STUDY_KS if slow else STUDY_KS_FAST)
         result["estimator_study"] = estimator_study(model, x[:study_examples], ks=ks, progress=progress)
     finally:
