@@ -31,9 +31,11 @@ from vaelab.data import (
     Splits,
     binarize_dynamic,
     binarize_fixed,
+    binarize_with_bits,
     download_dataset,
     find_dataset,
     load_dataset,
+    random_bits,
     read_idx,
     split_indices,
 )
@@ -605,3 +607,38 @@ def test_splits_repr_is_short(tmp_path):
     assert (
         text == f"Splits(name='x', data_shape=(3,), train=3, valid=1, test=0, binary=True, source='{tmp_path}/x.npy')"
     )
+
+
+def test_binarize_with_bits_compares_the_low_24_bits_as_torch_rand_does():
+    grid = 2.0**-24
+    bits = torch.tensor([0, 1, 2**24 - 1, 2**24, -1, 5 * 2**24 + 3], dtype=torch.int32)  # low 24 bits: 0 1 max 0 max 3
+    x = torch.full((6,), grid)  # probability 2^-24: 1 only where the low bits are 0
+    assert binarize_with_bits(x, bits).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert binarize_with_bits(torch.zeros(6), bits).tolist() == [0.0] * 6  # x = 0: never
+    assert binarize_with_bits(torch.ones(6), bits).tolist() == [1.0] * 6  # x = 1: always
+    # on random bits and intensities: exactly torch's CPU uniform, u = (low 24 bits) / 2^24, compared with x
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (100_000,), generator=g, dtype=torch.int32)
+    x = torch.rand(100_000, generator=g)
+    u = (bits.long() & (2**24 - 1)).float() * grid  # exact in float32
+    assert torch.equal(binarize_with_bits(x, bits), (u < x).float())
+
+
+def test_random_bits_are_uniform_and_independent():
+    bits = random_bits((1000, 784), generator=torch.Generator().manual_seed(1)).long()
+    assert bits.shape == (1000, 784) and bits.dtype == torch.long
+    n = bits.numel()
+    frequencies = torch.stack([(bits >> i) & 1 for i in range(24)]).double().mean((1, 2))
+    assert (frequencies - 0.5).abs().max() < 5 * (0.25 / n) ** 0.5  # every bit fair, within 5 standard errors
+    low = (bits & (2**24 - 1)).double().flatten() / 2**24
+    corr = torch.corrcoef(torch.stack([low[0::2], low[1::2]]))[0, 1]  # the two halves of one 64-bit draw
+    assert abs(corr) < 5 / (n / 2) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_binarize_dynamic_keeps_the_dtype_and_the_probability(dtype):
+    x = torch.full((200_000,), 0.3, dtype=dtype)
+    b = binarize_dynamic(x, generator=torch.Generator().manual_seed(2))
+    assert b.dtype == dtype and set(b.unique().tolist()) <= {0.0, 1.0}
+    p = x[0].item()  # 0.3 as rounded in this dtype
+    assert abs(b.double().mean().item() - p) < 5 * (p * (1 - p) / len(x)) ** 0.5

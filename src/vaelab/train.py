@@ -49,7 +49,7 @@ from vaelab.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vaelab.data import binarize_dynamic, binarize_fixed
+from vaelab.data import binarize_fixed, binarize_with_bits, random_bits
 from vaelab.estimators import check_values, elbo_parts, log_marginal, trusted_data
 from vaelab.hierarchical import HierarchicalVAE
 from vaelab.likelihoods import LIKELIHOODS
@@ -373,22 +373,27 @@ class Trainer:
         return self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
 
     # --- one step --------------------------------------------------------------------------------------------------
-    def _objective(self, x: torch.Tensor, sched: dict[str, Any]) -> tuple[torch.Tensor | None, ...]:
-        """The objective on a batch: loss, elbo, recon, kl (the unit that ``compile=True`` compiles)."""
+    def _objective(
+        self, x: torch.Tensor, sched: dict[str, Any], bits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The objective on a batch: loss, elbo, recon, kl (the unit that ``compile=True`` compiles). With ``bits``
+        (:func:`vaelab.data.random_bits`), the batch is binarized first: compiled, in the same fused pass."""
+        if bits is not None:
+            x = binarize_with_bits(x, bits)
         out = self.objective(self.model, x, k=self.config.k, **sched, **self.objective_options)
         return out.loss, out.elbo, out.recon, out.kl
 
-    def _run_objective(self, x: torch.Tensor, sched: dict[str, Any]) -> tuple[torch.Tensor | None, ...]:
+    def _run_objective(self, x: torch.Tensor, sched: dict[str, Any], bits: torch.Tensor | None):
         """The objective, compiled where asked. The first step runs eagerly even then: it fills torch.distributions'
         KL dispatch cache, whose lookup torch.compile cannot trace, and shows errors in the objective without a
         compiler's traceback. If the compilation itself fails (no C++ compiler, say), a warning, and eager from then.
         """
         if self._forward is self._objective or self._steps_taken == 0:
-            return self._objective(x, sched)
+            return self._objective(x, sched, bits)
         if not self._compiled_once and self.config.progress and self.rank == 0:
             print("compiling the objective (once, ~10-60 s)", file=sys.stderr)
         try:
-            result = self._forward(x, sched)
+            result = self._forward(x, sched, bits)
         except ValueError:
             raise
         except Exception as err:
@@ -397,15 +402,17 @@ class Trainer:
             message = f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training eagerly"
             warnings.warn(message, stacklevel=3)
             self._forward = self._objective
-            return self._objective(x, sched)
+            return self._objective(x, sched, bits)
         self._compiled_once = True
         return result
 
     def train_step(self) -> dict[str, torch.Tensor]:
         step = self.step
         x = self._batch(step)
-        if self.config.binarizes:  # eagerly even when compiling: torch's CPU generator beats compiled random draws
-            x = binarize_dynamic(x)  # values were checked once, in __init__
+        # Dynamic binarization: the random bits drawn here by torch's generator (faster on CPU than compiled random
+        # numbers, and the same stream compiled or not), compared with the batch inside the objective. Values were
+        # checked once, in __init__.
+        bits = random_bits(x.shape, device=x.device) if self.config.binarizes else None
         sched = self.schedule.objective_kwargs(step)
         if self._schedule_as_tensors:
             sched = {name: torch.tensor(value, device=self.device) for name, value in sched.items()}
@@ -414,7 +421,7 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
         try:
             with autocast, trusted_data():
-                out = ObjectiveOutput(*self._run_objective(x, sched))
+                out = ObjectiveOutput(*self._run_objective(x, sched, bits))
         except ValueError as err:
             raise TrainingDiverged(f"step {step}: the batch was rejected: {err}") from err
         self._steps_taken += 1
