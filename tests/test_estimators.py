@@ -16,7 +16,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 import vaelab
 from vaelab import LinearGaussian
-from vaelab.estimators import _WeightStats, pareto_khat
+from vaelab.estimators import _pareto_tail_size, _WeightStats, pareto_khat
 from vaelab.likelihoods import BernoulliLikelihood
 from vaelab.models import VAE
 from vaelab.priors import StandardNormal
@@ -310,6 +310,19 @@ def test_weight_stats_prefix_bounds_are_the_iwae_bounds_of_the_first_samples(chu
     assert bool(result.iwae_stderr[1].isnan().all())  # one weight: no error estimate
     torch.testing.assert_close(result.iwae[5000], result.value, rtol=1e-12, atol=0)
     torch.testing.assert_close(result.iwae_stderr[5000], result.stderr, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [7, 333, 1024, 5000])
+def test_weight_stats_pareto_tail_is_the_top_of_the_whole_stream(chunk):
+    # the tail's top-k is merged only every _TOP_BUFFER rows: the kept values and k-hat must not depend on chunking
+    lw = torch.randn(5000, 4, generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 2
+    tail = _pareto_tail_size(5000)
+    stats = _WeightStats(tail=tail)
+    for part in lw.split(chunk):
+        stats.update(part)
+    result = stats.log_marginal()
+    torch.testing.assert_close(stats.top, lw.topk(tail + 1, dim=0).values, rtol=0, atol=0)
+    torch.testing.assert_close(result.pareto_k, pareto_khat(lw.topk(tail + 1, dim=0).values), rtol=0, atol=0)
 
 
 def test_iwae_ladder_from_one_stream_brackets_log_px():
