@@ -17,7 +17,9 @@ peak memory never goes down. Every point is measured in ``--passes`` passes over
 passes: the speed of this shared machine drifts by up to 2x over minutes), ``--repeats`` timed runs per process;
 seconds are the median over all of them. Memory is the peak resident
 set (VmHWM, reset just before) minus the resident set just before: for log p(x), around the measured call (after a
-one-image warm-up), the largest over repeats; for training, from before the first (warm-up) step, so that it holds
+one-image warm-up), the median over repeats (the largest is kept as ``peak_delta_mib_max``: glibc sometimes keeps
+a few hundred MiB of freed chunks in one repeat and not in the next, which says nothing about the working set); for
+training, from before the first (warm-up) step, so that it holds
 the activations, gradients and Adam's state. A point that appears in several sweeps is measured once. Each point
 also records CPU seconds (all threads) per wall second, at most the thread count: a value far below the other points'
 says other work competed for the cores (distrust that timing; run on an idle machine, not under ``nice``).
@@ -121,13 +123,14 @@ def run_worker(spec: dict, images: Path) -> dict:
 
 
 def summarize_point(spec: dict, runs: list[dict]) -> dict:
-    """``spec`` plus the median seconds over every repeat of every pass, rates and the largest memory growth."""
+    """``spec`` plus the median seconds and memory growth over every repeat of every pass, and rates."""
     point = {**spec, "threads": runs[0]["threads"], "passes": len(runs)}
     for key in runs[0]:
         if key.endswith("_by_repeat"):
             point[key] = [value for run in runs for value in run[key]]
     seconds = point["seconds"] = statistics.median(point["seconds_by_repeat"])
-    point["peak_delta_mib"] = max(point["peak_delta_mib_by_repeat"])
+    point["peak_delta_mib"] = statistics.median(point["peak_delta_mib_by_repeat"])
+    point["peak_delta_mib_max"] = max(point["peak_delta_mib_by_repeat"])
     ratios = zip(point["cpu_seconds_by_repeat"], point["seconds_by_repeat"], strict=True)
     point["cpu_per_wall"] = statistics.median(cpu / wall for cpu, wall in ratios)
     if spec["kind"] == "logpx":
@@ -160,9 +163,10 @@ def print_tables(results: dict) -> None:
     for p in results["training"]:
         print(row.format(**p))
     print(
-        f"(seconds: median of {results['repeats']} repeats x {results['passes']} passes; +MiB: peak resident-set "
-        "growth in a fresh process, for training from before the first step; cpu/wall: CPU seconds of all threads "
-        f"per second, at most {results['threads']}, far below the other points when other work competed)"
+        f"(seconds: median of {results['repeats']} repeats x {results['passes']} passes; +MiB: median of the peak "
+        "resident-set growths in fresh processes, for training from before the first step; cpu/wall: CPU seconds "
+        f"of all threads per second, at most {results['threads']}, far below the other points when other work "
+        "competed)"
     )
 
 
