@@ -8,8 +8,6 @@ fixed-seed binarization of the first test images:
 
 * ``vaelab``          -- ``vaelab.log_marginal(model, x, k=k)`` under ``torch.inference_mode``, batches of
   ``--batch`` images, chunked over k automatically (``--chunk-size`` to override; memory flat in k);
-* ``vaelab-malloc``   -- the same, eager, after ``vaelab.cli.keep_freed_memory()``: glibc's malloc set to keep freed
-  memory, as the ``vaelab`` command does (the library alone leaves the allocator as it is);
 * ``pythae``          -- ``pythae.models.VAE(...).get_nll(x, n_samples=k, batch_size=--pythae-batch)`` on a
   ``VAE(VAEConfig(reconstruction_loss="bce"))`` whose custom encoder/decoder hold the same networks (the encoder's
   (loc, softplus scale) given to pythae as (embedding, log-variance); the decoder's logits as sigmoid
@@ -71,11 +69,10 @@ import vaelab
 from vaelab.data import binarize_fixed, load_dataset
 from vaelab.train import TrainConfig, Trainer, load_run
 
-IMPLEMENTATIONS = ("vaelab", "vaelab-malloc", "vaelab-compile", "pythae", "pyro-vectorized", "pyro-importance")
+IMPLEMENTATIONS = ("vaelab", "vaelab-compile", "pythae", "pyro-vectorized", "pyro-importance")
 CHUNK_VARIANT = "vaelab-chunk"  # "vaelab-chunk20": vaelab with chunk_size=20 (--also-chunk-sizes)
 IMPLEMENTATION_NOTES = {
     "vaelab": "vaelab.log_marginal(model, x, k=k) under torch.inference_mode, batches of --batch images",
-    "vaelab-malloc": "vaelab (eager) after vaelab.cli.keep_freed_memory(): the vaelab command's glibc malloc setting",
     "vaelab-compile": "the same with compile=True (compiled during the untimed warm-up: see warmup_seconds)",
     "pythae": "pythae VAE(reconstruction_loss='bce').get_nll(x, n_samples=k, batch_size=--pythae-batch), same weights",
     "pyro-vectorized": "pyro.infer.importance.vectorized_importance_weights, one image at a time, same weights",
@@ -142,7 +139,7 @@ def pyro_model_guide(model):
 # --- one evaluation, in its own process ----------------------------------------------------------------------------
 def evaluate(impl: str, model, x: torch.Tensor, k: int, args) -> dict:
     """log p(x) of the images ``x [N, D]`` by ``impl``: ``{"values": [N] or None, "mean": float}``."""
-    if impl in ("vaelab", "vaelab-malloc", "vaelab-compile") or impl.startswith(CHUNK_VARIANT):
+    if impl in ("vaelab", "vaelab-compile") or impl.startswith(CHUNK_VARIANT):
         chunk_size = int(impl.removeprefix(CHUNK_VARIANT)) if impl.startswith(CHUNK_VARIANT) else args.chunk_size
         compile = impl == "vaelab-compile"
         chunks = [
@@ -188,10 +185,6 @@ def worker(args) -> int:
     before it. ``ru_maxrss`` is recorded too but cannot serve: Linux carries the parent's peak into a child across
     fork and exec, so a child of the (larger) parent reads the parent's peak and shows no growth.
     """
-    if args.worker == "vaelab-malloc":
-        from vaelab.cli import keep_freed_memory
-
-        keep_freed_memory()
     torch.manual_seed(args.seed)
     model = load_run(args.run_dir).model
     x = torch.load(args.images)[: args.examples]
@@ -349,7 +342,6 @@ def main(argv=None) -> int:
         wanted = [i for i in wanted if importable(module.get(i, "vaelab"))]
         examples = {
             "vaelab": args.peer_examples,
-            "vaelab-malloc": args.peer_examples,
             "vaelab-compile": args.peer_examples,
             **dict.fromkeys(variants, args.peer_examples),
             "pythae": args.peer_examples,

@@ -6,12 +6,12 @@ Errors meant for the user print one line and exit non-zero; ``--debug`` shows th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from vaelab._malloc import keep_freed_memory
 
 
 class UserError(Exception):
@@ -482,33 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# glibc's malloc returns freed blocks above its trim threshold to the system and serves large requests by mmap, so
-# eager evaluation, which allocates and frees several 4 MiB tensors per chunk, faults fresh zeroed pages in for every
-# chunk until glibc's dynamic thresholds settle (seconds later): eager log p(x) ran at 4.9 us per sample in a fresh
-# process, 2.85 with these settings (docs/performance.md). The cost: up to 256 MiB of freed memory kept for reuse.
-_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": (-1, 256 << 20), "MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20)}  # (param, value)
-
-
-def keep_freed_memory() -> list[str]:
-    """Tune glibc's malloc of this process as ``_MALLOPT`` says, except where the environment already sets it.
-
-    The ``vaelab`` command owns its process, so it does this at start; library users can set the same environment
-    variables (or use jemalloc / tcmalloc). Returns the settings applied ([] where this is not glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not Linux, or not glibc
-        return []
-    applied = []
-    for name, (param, value) in _MALLOPT.items():
-        if name not in os.environ and mallopt(param, value) == 1:
-            applied.append(name)
-    return applied
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
+    keep_freed_memory()  # this process is ours: let its allocator keep freed memory (see vaelab._malloc)
     from vaelab.train import TrainingDiverged
 
     try:
