@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal, kl_divergence
 
-from vaelab import LinearGaussian
+from vaelab import LinearGaussian, log_marginal
 from vaelab.estimators import ELBO_FORMS, elbo_integrands, elbo_parts
 from vaelab.evaluate import (
     diagnostics,
@@ -156,6 +156,22 @@ def test_gap_decomposition_of_the_exact_full_covariance_posterior():
     # the model is untouched and its parameters still train
     for p, before in zip(model.parameters(), params, strict=True):
         assert torch.equal(p.detach(), before) and p.requires_grad and p.grad is None
+
+
+def test_gap_decomposition_reuses_a_given_encoder_estimate():
+    torch.manual_seed(3)
+    model, x = correlated_model(n=6)
+    q = shifted_q(model, x, shift=0.5, scale_factor=1.3)
+    given = log_marginal(model, x, k=500, q=q)
+    r = gap_decomposition(model, x, q=q, k=500, steps=20, batch_size=4, log_px_encoder=given)  # two batches
+    assert r["log_px_encoder"]["per_example"] == pytest.approx(given.value.tolist(), rel=0, abs=0)
+    assert r["log_px_encoder"]["mc_stderr"] == pytest.approx(given.stderr.tolist(), rel=0, abs=0)
+    assert r["log_px_encoder"]["pareto_k"] == pytest.approx(given.pareto_k.tolist(), rel=0, abs=0)
+    with pytest.raises(ValueError, match="log_px_encoder must hold k = 1000"):
+        gap_decomposition(model, x, q=q, k=1000, steps=1, log_px_encoder=given)
+    with pytest.raises(ValueError, match="for each of the 5 examples"):
+        gap_decomposition(model, x[:5], q=shifted_q(model, x[:5], shift=0.5, scale_factor=1.3), k=500, steps=1,
+                          log_px_encoder=given)  # fmt: skip
 
 
 def test_gap_decomposition_rejects_a_non_gaussian_q():
@@ -307,6 +323,8 @@ def test_diagnostics_on_a_tiny_vae():
     for key in ("posterior_gap", "approximation_gap", "amortization_gap"):
         assert {"mean", "sem", "per_example"} <= set(r[key]) and len(r[key]["per_example"]) == len(x)
     assert max(row["k"] for row in r["estimator_study"]["rows"]) == 1000  # slow=False: no k = 1e5
+    # the gap decomposition reuses the standard evaluation's estimate with the encoder as proposal (same q, same k)
+    assert r["gap_decomposition"]["log_px_encoder"]["mean"] == pytest.approx(r["log_px"]["mean"], rel=1e-12)
     json.dumps(r, allow_nan=False)
     for path, value in _finite_numbers(r):
         assert math.isfinite(value), path

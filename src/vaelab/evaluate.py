@@ -36,6 +36,7 @@ from vaelab._math import inverse_softplus, positive_scale
 from vaelab.estimators import (
     ELBO_FORMS,
     PROPOSALS,
+    LogMarginal,
     check_data,
     elbo,
     elbo_integrands,
@@ -88,6 +89,10 @@ def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, 
 AUTO_COMPILE_SAMPLES = 5_000_000
 
 
+EVAL_IWAE_KS: tuple[int, ...] = (1, 10, 100, 1000)  # evaluate_model's IWAE bounds
+EVAL_ELBO_K = 10  # and its samples per ELBO estimate
+
+
 def _should_compile(compile: bool | None, samples: int) -> bool:
     """``compile`` as given, or (``None``) whether ``samples`` importance samples repay a compilation."""
     return samples >= AUTO_COMPILE_SAMPLES if compile is None else compile
@@ -98,8 +103,8 @@ def evaluate_model(
     x: torch.Tensor,
     *,
     k: int = 5000,
-    iwae_ks: Sequence[int] = (1, 10, 100, 1000),
-    elbo_k: int = 10,
+    iwae_ks: Sequence[int] = EVAL_IWAE_KS,
+    elbo_k: int = EVAL_ELBO_K,
     batch_size: int = 100,
     progress: bool = True,
     compile: bool | None = None,
@@ -115,6 +120,15 @@ def evaluate_model(
     estimates run compiled (see :func:`vaelab.estimators.log_marginal`); ``None``: exactly when the evaluation is
     long enough to repay the compilation, k x examples >= :data:`AUTO_COMPILE_SAMPLES`.
     """
+    return _evaluate_model(
+        model, x, k=k, iwae_ks=iwae_ks, elbo_k=elbo_k, batch_size=batch_size, progress=progress, compile=compile
+    )[0]
+
+
+def _evaluate_model(
+    model, x, *, k, batch_size, progress, compile, iwae_ks=EVAL_IWAE_KS, elbo_k=EVAL_ELBO_K
+) -> tuple[dict, LogMarginal]:
+    """:func:`evaluate_model`, and its per-example log p(x) estimate ``[N]`` (for :func:`diagnostics` to reuse)."""
     compile = _should_compile(compile, k * len(x))
     if compile and progress:
         print("compiling the log p(x) estimator for this model (once, ~5-30 s; --no-compile skips it)", file=sys.stderr)
@@ -164,7 +178,10 @@ def evaluate_model(
         "posterior_gap": summarize(cat["log_px"] - cat["elbo_kl"]),
     }
     result.update(latent_usage(model, x))
-    return result
+    estimate = LogMarginal(
+        value=cat["log_px"], stderr=cat["log_px_stderr"], ess=cat["ess"], pareto_k=cat["pareto_k"], k=k
+    )
+    return result, estimate
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
@@ -345,6 +362,9 @@ def _optimise_q(model, x, loc0, scale0, *, steps, lr, samples_per_step, bar) -> 
 
 
 # --- 1. the gap decomposition -----------------------------------------------------------------------------------------
+_FIELDS = ("value", "stderr", "ess", "pareto_k")  # LogMarginal's per-example fields
+
+
 def gap_decomposition(
     model,
     x: torch.Tensor,
@@ -360,6 +380,7 @@ def gap_decomposition(
     chunk_size: int | None = None,
     progress: bool = False,
     compile: bool | None = None,
+    log_px_encoder: LogMarginal | None = None,
 ) -> dict[str, Any]:
     """Split the posterior gap into approximation and amortization gaps (Cremer, Li & Duvenaud, 2018).
 
@@ -403,6 +424,9 @@ def gap_decomposition(
         batch_size: examples optimised together (independently); chunk_size: passed to ``log_marginal``.
         compile: run the three log p-hat estimates compiled (``log_marginal(compile=True)``); ``None``: when their
             3 k x examples samples reach :data:`AUTO_COMPILE_SAMPLES`.
+        log_px_encoder: an estimate already made on these ``x`` with q_enc as proposal and the same ``k`` (a
+            :class:`~vaelab.estimators.LogMarginal` over all N examples, e.g. :func:`evaluate_model`'s), reported
+            as ``log_px_encoder`` instead of drawing another: k decoder passes per example fewer.
 
     Returns:
         ``posterior_gap``, ``approximation_gap``, ``amortization_gap``, ``log_px`` (mixture proposal),
@@ -421,7 +445,12 @@ def gap_decomposition(
         raise ValueError(f"lr must be > 0, got {lr}")
     if elbo_form not in ELBO_FORMS:
         raise ValueError(f"elbo_form must be one of {ELBO_FORMS}, got {elbo_form!r}")
-    compile = _should_compile(compile, 3 * k * len(x))
+    if log_px_encoder is not None and (log_px_encoder.k != k or tuple(log_px_encoder.value.shape) != (len(x),)):
+        raise ValueError(
+            f"log_px_encoder must hold k = {k} samples for each of the {len(x)} examples, got k = "
+            f"{log_px_encoder.k} for {list(log_px_encoder.value.shape)}"
+        )
+    compile = _should_compile(compile, (2 if log_px_encoder is not None else 3) * k * len(x))
     parts: dict[str, list[torch.Tensor]] = {}
 
     def add(key: str, value: torch.Tensor) -> None:
@@ -429,12 +458,17 @@ def gap_decomposition(
 
     bar = _bar(progress, steps * math.ceil(len(x) / batch_size), "gap decomposition", "step")
     used_elbo_k = elbo_k
+    start = 0
     for xb, qb in _batches(x, q, batch_size):
+        rows, start = slice(start, start + len(xb)), start + len(xb)
         q_enc = _encoder_q(model, xb, qb)
         loc0, scale0 = _gaussian_q(q_enc)
         q_star = _optimise_q(model, xb, loc0, scale0, steps=steps, lr=lr, samples_per_step=samples_per_step, bar=bar)
         lp = log_marginal(model, xb, k=k, q=_defensive_mixture(q_enc, q_star), chunk_size=chunk_size, compile=compile)
-        lp_enc = log_marginal(model, xb, k=k, q=q_enc, chunk_size=chunk_size, compile=compile)
+        if log_px_encoder is None:
+            lp_enc = log_marginal(model, xb, k=k, q=q_enc, chunk_size=chunk_size, compile=compile)
+        else:
+            lp_enc = LogMarginal(**{f: getattr(log_px_encoder, f)[rows] for f in _FIELDS}, k=k)
         lp_star = log_marginal(model, xb, k=k, q=q_star, chunk_size=chunk_size, compile=compile)
         elbo_enc, se_enc, used_elbo_k = _elbo_with_stderr(model, xb, q_enc, elbo_k, elbo_form)
         elbo_star, se_star, _ = _elbo_with_stderr(model, xb, q_star, elbo_k, elbo_form)
@@ -727,10 +761,11 @@ def diagnostics(
     was_training = model.training
     model.eval()
     try:
-        result = evaluate_model(model, x, k=k, batch_size=batch_size, progress=progress, compile=compile)
+        result, lp_enc = _evaluate_model(model, x, k=k, batch_size=batch_size, progress=progress, compile=compile)
         gaps = gap_decomposition(
-            model, x, k=k, steps=steps, lr=lr, elbo_k=elbo_k, batch_size=batch_size, progress=progress, compile=compile
-        )
+            model, x, k=k, steps=steps, lr=lr, elbo_k=elbo_k, batch_size=batch_size, progress=progress,
+            compile=compile, log_px_encoder=lp_enc,
+        )  # fmt: skip
         result["elbo_forms"] = elbo_form_variances(model, x, k=form_k, batch_size=batch_size)
         result["iwae_curve"] = iwae_curve(
             model, x, ks=iwae_ks, batch_size=batch_size, progress=progress, compile=compile
