@@ -83,9 +83,10 @@ def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, 
     return result
 
 
-# Importance samples (k x examples) from which evaluate_model compiles its log p(x) estimator by default: at ~5 us per
-# sample eagerly and ~1.4-2x less compiled, 5e6 samples take 15-25 s eagerly, about 2-3 compilations' worth
-# (docs/performance.md). The standard protocol (k = 5000, 10,000 test images) is 10x that.
+# Importance samples (k x examples) from which evaluate_model compiles its log p(x) estimator by default, about where
+# compiling starts to pay: on the EPYC of sessions 1-2 ~5 us per sample eagerly and 1.4-2x less compiled (5e6 samples:
+# 15-25 s eagerly, 2-3 compilations' worth); on session 3's Xeon 2.9 vs 2.1-2.2 us, a 3-8 s compilation repaid after
+# 4-10e6 samples (docs/performance.md). The standard protocol (k = 5000, 10,000 test images) is 10x that.
 AUTO_COMPILE_SAMPLES = 5_000_000
 
 
