@@ -327,7 +327,7 @@ def _add_estimation_flags(p, *, k: int, examples: int | None, json_help: str) ->
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the log p(x) estimator: 1.4-2x faster per sample after a compilation of ~5-30 s "
+        help="torch.compile the log p(x) estimator: 1.3-2x faster per sample after a compilation of ~3-30 s "
         "(default: only when k x examples >= 5,000,000, where it pays; docs/performance.md)",
     )
 
