@@ -3,7 +3,9 @@
 Times ``C = A @ B`` for square float32 matrices of size n in (512, 1024, 2048) with torch's own threads
 (``torch.get_num_threads()``), each timing a batch of multiplications long enough to be measurable, and keeps the
 best of ``repeats`` timings per size (the least disturbed by other work on the machine). One n x n x n product is
-2 n^3 floating-point operations. The peak is the best rate over the sizes.
+2 n^3 floating-point operations. The peak is the best rate over the sizes. For comparison (not part of the peak) it
+also times the GEMM shapes of the benchmarked model (iwae-1layer): the decoder's layers on a compiled log p(x) chunk
+of 2,600 rows and the largest layers of a training step at batch 100 and 1000, forward shapes.
 
     .venv/bin/python benchmarks/matmul_peak.py              # ~20 s on 2 cores
     .venv/bin/python benchmarks/matmul_peak.py --quick      # ~5 s
@@ -25,13 +27,23 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (512, 1024, 2048)
+# (rows, inner, columns) of the benchmarked model's GEMMs: [rows, inner] @ [inner, columns]
+MODEL_SHAPES = {
+    "log p(x) chunk, decoder 50 -> 200": (2600, 50, 200),
+    "log p(x) chunk, decoder 200 -> 200": (2600, 200, 200),
+    "log p(x) chunk, decoder 200 -> 784": (2600, 200, 784),
+    "training batch 100, encoder 784 -> 200": (100, 784, 200),
+    "training batch 100, decoder 200 -> 784": (100, 200, 784),
+    "training batch 1000, encoder 784 -> 200": (1000, 784, 200),
+    "training batch 1000, decoder 200 -> 784": (1000, 200, 784),
+}
 
 
-def matmul_rate(n: int, *, repeats: int = 1, min_seconds: float = 0.1) -> float:
-    """Best GFLOP/s over ``repeats`` timings of enough n x n float32 products to last ``min_seconds`` each."""
-    g = torch.Generator().manual_seed(n)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    c = torch.empty(n, n)
+def gemm_rate(m: int, k: int, n: int, *, repeats: int = 1, min_seconds: float = 0.1) -> float:
+    """Best GFLOP/s over ``repeats`` timings of enough [m, k] @ [k, n] float32 products to last ``min_seconds`` each."""
+    g = torch.Generator().manual_seed(m * k + n)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    c = torch.empty(m, n)
     torch.mm(a, b, out=c)  # warm-up: thread pool, BLAS kernels, page faults
     tick = time.perf_counter()
     torch.mm(a, b, out=c)
@@ -43,8 +55,13 @@ def matmul_rate(n: int, *, repeats: int = 1, min_seconds: float = 0.1) -> float:
         for _ in range(calls):
             torch.mm(a, b, out=c)
         seconds = time.perf_counter() - tick
-        best = max(best, 2 * n**3 * calls / seconds / 1e9)
+        best = max(best, 2 * m * k * n * calls / seconds / 1e9)
     return best
+
+
+def matmul_rate(n: int, *, repeats: int = 1, min_seconds: float = 0.1) -> float:
+    """Best GFLOP/s over ``repeats`` timings of enough n x n float32 products to last ``min_seconds`` each."""
+    return gemm_rate(n, n, n, repeats=repeats, min_seconds=min_seconds)
 
 
 def matmul_peak(sizes=SIZES, *, repeats: int = 5, min_seconds: float = 0.25) -> dict:
@@ -82,6 +99,12 @@ def main(argv=None) -> int:
     for n, rate in result["gflops_by_size"].items():
         print(f"  n = {n:>5}: {rate:8.1f} GFLOP/s")
     print(f"float32 matmul peak: {result['peak_gflops']:.1f} GFLOP/s with {result['threads']} threads")
+    print("the benchmarked model's GEMM shapes (not part of the peak):")
+    result["gflops_by_model_shape"] = {}
+    for name, (m, k, n) in MODEL_SHAPES.items():
+        rate = gemm_rate(m, k, n, repeats=repeats, min_seconds=min_seconds)
+        result["gflops_by_model_shape"][name] = rate
+        print(f"  {name:<42} [{m}, {k}] @ [{k}, {n}]: {rate:8.1f} GFLOP/s ({rate / result['peak_gflops']:.0%})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"results written to {args.out}")
