@@ -384,7 +384,9 @@ class Trainer:
         out = self.objective(self.model, x, k=self.config.k, **sched, **self.objective_options)
         return out.loss, out.elbo, out.recon, out.kl
 
-    def _run_objective(self, x: torch.Tensor, sched: dict[str, Any], bits: torch.Tensor | None):
+    def _run_objective(
+        self, x: torch.Tensor, sched: dict[str, Any], bits: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         """The objective, compiled where asked. The first step runs eagerly even then: it fills torch.distributions'
         KL dispatch cache, whose lookup torch.compile cannot trace, and shows errors in the objective without a
         compiler's traceback. If the compilation itself fails (no C++ compiler, say), a warning, and eager from then.
