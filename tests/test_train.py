@@ -411,7 +411,7 @@ def test_non_finite_term_is_named_with_the_step(tmp_path, objective, poison, ter
     ],
     ids=["elbo-beta-warmup", "iwae"],
 )
-def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, overrides):
+def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, overrides, monkeypatch):
     # With inductor's random draws replaced by torch's own (fallback_random), a compiled step draws the same noise as
     # an eager one, so the two runs must take the same steps up to float rounding; and a schedule whose value changes
     # every step must not trigger a compilation per value.
@@ -430,6 +430,23 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
             got = compiled.train_step()
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(), rtol=1e-4, atol=1e-5)
+    # once the objective has compiled, validation's log p(x) is compiled too: with torch's own random draws
+    # (fallback_random) it draws the same samples as the eager trainer's, so the bounds agree to rounding
+    assert compiled._compiled_once
+    import vaelab.estimators
+
+    compiled_chunks = []
+    compiled_chunk = vaelab.estimators._compiled_chunk
+    monkeypatch.setattr(
+        vaelab.estimators, "_compiled_chunk", lambda *a: compiled_chunks.append(1) or compiled_chunk(*a)
+    )
+    with torch._inductor.config.patch(fallback_random=True):
+        got = compiled.evaluate()
+        assert compiled_chunks, "the compiled trainer's validation ran eagerly"
+        expected = eager.evaluate()
+    key = f"iwae_{config.eval_k}"
+    assert got[key] == pytest.approx(expected[key], rel=1e-4)
+    assert got["elbo"] == pytest.approx(expected["elbo"], rel=1e-4)
 
 
 def test_compiled_training_without_a_working_compiler_warns_and_trains_eagerly(tmp_path, monkeypatch):
