@@ -333,3 +333,8 @@ def test_diagnostics_on_a_tiny_vae():
         assert torch.equal(t, before[name]), f"{name} changed"
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert set(evaluate_model(model, x, k=20, progress=False)) <= set(r)  # the standard evaluation is all there
+    # with curve ks up to k, the IWAE curve is the prefixes of log p(x)'s own stream: its last point is log p-hat
+    r = diagnostics(model, x, k=200, iwae_ks=(1, 10, 200), slow=False, steps=5, elbo_k=50, form_k=50, progress=False)
+    assert r["iwae_curve"]["k"] == [1, 10, 200] and r["iwae_curve"]["examples"] == len(x)
+    assert r["iwae_curve"]["mean"][-1] == pytest.approx(r["log_px"]["mean"], rel=1e-12)
+    assert r["iwae_curve"]["mean"][0] < r["iwae_curve"]["mean"][-1]

@@ -11,8 +11,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vaelab._malloc import keep_freed_memory
-
 
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
@@ -484,7 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # this process is ours: let its allocator keep freed memory (see vaelab._malloc)
     from vaelab.train import TrainingDiverged
 
     try:

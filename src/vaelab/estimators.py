@@ -340,7 +340,7 @@ class _WeightStats:
             self.shift = lw.mean(0)
             zeros = torch.zeros_like(self.max)
             self.s_w, self.s_ww, self.s_wl, self.s_l, self.s_ll = (zeros.clone() for _ in range(5))
-            self.top, self.pending, self.pending_rows = lw[:0], [], 0
+            self.top, self.pending = lw[:0], []
         for j in self.prefixes:
             if self.n < j <= self.n + lw.shape[0]:  # IWAE_j: the running sum so far plus this chunk's head
                 head = lw[: j - self.n]
@@ -360,15 +360,14 @@ class _WeightStats:
         self.max = new_max
         if self.tail:
             self.pending.append(lw)
-            self.pending_rows += lw.shape[0]
-            if self.pending_rows >= _TOP_BUFFER:
+            if sum(len(rows) for rows in self.pending) >= _TOP_BUFFER:
                 self._merge_top()
         self.n += lw.shape[0]
 
     def _merge_top(self) -> None:
         both = torch.cat([self.top, *self.pending], 0)
         self.top = both.topk(min(self.tail + 1, both.shape[0]), dim=0).values
-        self.pending, self.pending_rows = [], 0
+        self.pending = []
 
     def log_marginal(self) -> LogMarginal:
         value, stderr, ess = _bound_and_stderr(self.max, self.s_w, self.s_ww, self.n)

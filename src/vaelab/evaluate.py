@@ -127,17 +127,20 @@ def evaluate_model(
 
 
 def _evaluate_model(
-    model, x, *, k, batch_size, progress, compile, iwae_ks=EVAL_IWAE_KS, elbo_k=EVAL_ELBO_K
+    model, x, *, k, batch_size, progress, compile, iwae_ks=EVAL_IWAE_KS, elbo_k=EVAL_ELBO_K, prefixes=()
 ) -> tuple[dict, LogMarginal]:
-    """:func:`evaluate_model`, and its per-example log p(x) estimate ``[N]`` (for :func:`diagnostics` to reuse)."""
+    """:func:`evaluate_model`, and its per-example log p(x) estimate ``[N]`` (for :func:`diagnostics` to reuse), whose
+    ``iwae`` / ``iwae_stderr`` also hold the bounds of the first j samples for every j <= k of ``prefixes``."""
     compile = _should_compile(compile, k * len(x))
     if compile and progress:
         print("compiling the log p(x) estimator for this model (once, ~5-30 s; --no-compile skips it)", file=sys.stderr)
     per_example: dict[str, list[torch.Tensor]] = {}
+    estimates: list[LogMarginal] = []
 
     def add(key: str, value: torch.Tensor) -> None:
         per_example.setdefault(key, []).append(value.detach().cpu())
 
+    ladder = sorted({kk for kk in [*iwae_ks, *prefixes] if kk <= k})
     batches = x.split(batch_size)
     bar = None
     if progress:
@@ -150,39 +153,53 @@ def _evaluate_model(
             for form, integrand in elbo_integrands(model, batch, k=elbo_k).items():  # the three forms, one draw
                 add(f"elbo_{form}", integrand.mean(0))
             # IWAE_kk for kk <= k: the first kk of log p(x)'s own samples (one stream of log-weights for all of them)
-            r = log_marginal(model, batch, k=k, compile=compile, iwae_ks=[kk for kk in iwae_ks if kk <= k])
+            estimates.append(log_marginal(model, batch, k=k, compile=compile, iwae_ks=ladder))
             for kk in iwae_ks:
-                add(f"iwae_{kk}", r.iwae[kk] if kk <= k else log_marginal(model, batch, k=kk, compile=compile).value)
-            add("log_px", r.value)
-            add("log_px_stderr", r.stderr)
-            add("ess", r.ess)
-            add("pareto_k", r.pareto_k)
+                if kk > k:
+                    add(f"iwae_{kk}", log_marginal(model, batch, k=kk, compile=compile).value)
             if bar is not None:
                 bar.update(len(batch))
     if bar is not None:
         bar.close()
+    estimate = _concat(estimates)
     cat = {key: torch.cat(values) for key, values in per_example.items()}
+    cat |= {f"iwae_{kk}": estimate.iwae[kk] for kk in iwae_ks if kk <= k}
     threshold = pareto_k_threshold(k)
     result: dict[str, Any] = {
         "examples": len(x),
         "units": "nats per example",
         "elbo": {form: summarize(cat[f"elbo_{form}"]) | {"k": elbo_k} for form in ELBO_FORMS},
         "iwae": {str(kk): summarize(cat[f"iwae_{kk}"]) for kk in iwae_ks},
-        "log_px": summarize(cat["log_px"])
+        "log_px": summarize(estimate.value)
         | {
             "k": k,
-            "mean_mc_stderr": cat["log_px_stderr"].double().mean().item(),
-            "median_ess": cat["ess"].double().median().item(),
+            "mean_mc_stderr": estimate.stderr.double().mean().item(),
+            "median_ess": estimate.ess.double().median().item(),
             "pareto_k_threshold": threshold,
-            "fraction_pareto_k_above_threshold": (cat["pareto_k"] > threshold).double().mean().item(),
+            "fraction_pareto_k_above_threshold": (estimate.pareto_k > threshold).double().mean().item(),
         },
-        "posterior_gap": summarize(cat["log_px"] - cat["elbo_kl"]),
+        "posterior_gap": summarize(estimate.value - cat["elbo_kl"]),
     }
     result.update(latent_usage(model, x))
-    estimate = LogMarginal(
-        value=cat["log_px"], stderr=cat["log_px_stderr"], ess=cat["ess"], pareto_k=cat["pareto_k"], k=k
-    )
     return result, estimate
+
+
+_FIELDS = ("value", "stderr", "ess", "pareto_k")  # LogMarginal's per-example fields
+
+
+def _concat(estimates: Sequence[LogMarginal]) -> LogMarginal:
+    """Per-batch estimates (the same k and prefixes) as one over all their examples, on the CPU."""
+
+    def cat(tensors) -> torch.Tensor:
+        return torch.cat([t.detach().cpu() for t in tensors])
+
+    first = estimates[0]
+    return LogMarginal(
+        **{f: cat(getattr(e, f) for e in estimates) for f in _FIELDS},
+        k=first.k,
+        iwae={j: cat(e.iwae[j] for e in estimates) for j in first.iwae},
+        iwae_stderr={j: cat(e.iwae_stderr[j] for e in estimates) for j in first.iwae_stderr},
+    )
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
@@ -363,9 +380,6 @@ def _optimise_q(model, x, loc0, scale0, *, steps, lr, samples_per_step, bar) -> 
 
 
 # --- 1. the gap decomposition -----------------------------------------------------------------------------------------
-_FIELDS = ("value", "stderr", "ess", "pareto_k")  # LogMarginal's per-example fields
-
-
 def gap_decomposition(
     model,
     x: torch.Tensor,
@@ -670,24 +684,25 @@ def iwae_curve(
     """
     ks = [int(kk) for kk in ks]
     compile = _should_compile(compile, max(ks) * len(x))
-    values: dict[int, list[torch.Tensor]] = {kk: [] for kk in ks}
-    stderrs: dict[int, list[torch.Tensor]] = {kk: [] for kk in ks}
+    estimates = []
     bar = _bar(progress, len(x), "IWAE curve", "example")
     for xb, qb in _batches(x, q, batch_size):
         qb = _encoder_q(model, xb, qb)
-        r = log_marginal(model, xb, k=max(ks), q=qb, chunk_size=chunk_size, compile=compile, iwae_ks=ks)
-        for kk in ks:
-            values[kk].append(r.iwae[kk].cpu())
-            stderrs[kk].append(r.iwae_stderr[kk].cpu())
+        estimates.append(log_marginal(model, xb, k=max(ks), q=qb, chunk_size=chunk_size, compile=compile, iwae_ks=ks))
         if bar is not None:
             bar.update(len(xb))
     if bar is not None:
         bar.close()
-    points = [_per_example(torch.cat(values[kk]), torch.cat(stderrs[kk])) for kk in ks]
+    return _curve(_concat(estimates), ks)
+
+
+def _curve(estimate: LogMarginal, ks: Sequence[int]) -> dict[str, Any]:
+    """:func:`iwae_curve`'s summary of the prefix bounds ``estimate.iwae[k]`` for each k of ``ks``."""
+    points = [_per_example(estimate.iwae[kk], estimate.iwae_stderr[kk]) for kk in ks]
     return {
-        "examples": len(x),
+        "examples": len(estimate.value),
         "units": "nats per example",
-        "k": ks,
+        "k": list(ks),
         **{key: [p[key] for p in points] for key in ("mean", "sem", "mean_mc_stderr", "mc_sem")},
     }
 
@@ -751,7 +766,8 @@ def diagnostics(
     with ``posterior_gap`` replaced by the gap decomposition's (the same quantity, log p-hat - ELBO(q_enc), with
     per-example values and Monte Carlo errors; its mean/sem keys keep their meaning), plus ``approximation_gap``,
     ``amortization_gap``, ``gap_decomposition`` (its settings, log p-hat and ELBO details, without the per-example
-    q* parameters), ``elbo_forms`` (:func:`elbo_form_variances`, ``form_k`` samples), ``iwae_curve``, and
+    q* parameters), ``elbo_forms`` (:func:`elbo_form_variances`, ``form_k`` samples), ``iwae_curve`` (prefixes of
+    log p(x)'s own k samples per example when ``iwae_ks`` do not exceed k, which the gap decomposition reuses too), and
     ``estimator_study`` on the first ``study_examples`` examples with ``study_ks`` (default k up to 1e5 when
     ``slow``, up to 1e3 otherwise). The model is put in eval mode and its training flag restored afterwards.
     ``compile`` applies to every streamed log p(x) estimate of :func:`evaluate_model`, :func:`gap_decomposition` and
@@ -762,15 +778,23 @@ def diagnostics(
     was_training = model.training
     model.eval()
     try:
-        result, lp_enc = _evaluate_model(model, x, k=k, batch_size=batch_size, progress=progress, compile=compile)
+        # one stream of k samples from the encoder's q per example serves the evaluation, the gap decomposition's
+        # log_px_encoder and (when its ks do not exceed k) the IWAE curve
+        curve_ks = [int(kk) for kk in iwae_ks]
+        result, lp_enc = _evaluate_model(
+            model, x, k=k, batch_size=batch_size, progress=progress, compile=compile, prefixes=curve_ks
+        )
         gaps = gap_decomposition(
             model, x, k=k, steps=steps, lr=lr, elbo_k=elbo_k, batch_size=batch_size, progress=progress,
             compile=compile, log_px_encoder=lp_enc,
         )  # fmt: skip
         result["elbo_forms"] = elbo_form_variances(model, x, k=form_k, batch_size=batch_size)
-        result["iwae_curve"] = iwae_curve(
-            model, x, ks=iwae_ks, batch_size=batch_size, progress=progress, compile=compile
-        )
+        if max(curve_ks) <= k:
+            result["iwae_curve"] = _curve(lp_enc, curve_ks)
+        else:
+            result["iwae_curve"] = iwae_curve(
+                model, x, ks=curve_ks, batch_size=batch_size, progress=progress, compile=compile
+            )
         ks = study_ks if study_ks is not None else (STUDY_KS if slow else STUDY_KS_FAST)
         result["estimator_study"] = estimator_study(model, x[:study_examples], ks=ks, progress=progress)
     finally:
