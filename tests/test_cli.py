@@ -265,4 +265,3 @@ def test_compare_shows_latent_usage_against_beta(tmp_path):
         assert r["kl_total"] == pytest.approx(sum(r["kl_per_dim"]))
         assert math.isfinite(r["log_px"]["mean"]) and r["log_px"]["mean"] >= r["elbo"]["mean"] - 1.0
     assert "active" in proc.stdout and picture.is_file()
-
