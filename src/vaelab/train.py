@@ -271,6 +271,7 @@ class Trainer:
             )
         self.config = config
         self.device = resolve_device(config.device)
+        self._owns_group = not (dist.is_available() and dist.is_initialized())  # else the caller's group: left alone
         self.rank, self.world = _init_distributed(self.device)
         if config.batch_size % self.world:
             raise ValueError(
@@ -561,6 +562,10 @@ class Trainer:
             _restore_signal_handlers(previous)
             if self._tb is not None:
                 self._tb.close()
+        if self.world > 1:  # rank 0 was still writing files: no rank tears its connections down before the others
+            dist.barrier()
+            if self._owns_group:
+                dist.destroy_process_group()
         return TrainResult(self.run_dir, self.step, self._stop, self.last_eval)
 
     def _write_final_weights(self) -> None:
