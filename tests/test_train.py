@@ -11,6 +11,7 @@ it, and compare the final weights bit for bit with an uninterrupted child run of
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -388,18 +389,22 @@ def huge_encoder_loc(model) -> None:
     ],
     ids=["recon", "kl", "iwae-log-weights"],
 )
-def test_non_finite_term_is_named_with_the_step(tmp_path, objective, poison, term):
-    trainer = Trainer(small_config(objective=objective, k=5 if objective == "iwae" else 1), TRAIN, VALID, tmp_path)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_non_finite_term_is_named_with_the_step(tmp_path, objective, poison, term, compile):
+    config = small_config(objective=objective, k=5 if objective == "iwae" else 1, compile=compile)
+    trainer = Trainer(config, TRAIN, VALID, tmp_path)
     for _ in range(3):
         stats = trainer.train_step()
         assert all(bool(torch.isfinite(v)) for v in stats.values())
     with torch.no_grad():
         poison(trainer.model)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    optimizer_before = copy.deepcopy(trainer.optimizer.state_dict())
     with pytest.raises(TrainingDiverged, match=rf"^step 3: .*{term}.* is not finite"):
         trainer.train_step()
     assert trainer.step == 3  # no optimizer step was taken
     torch.testing.assert_close(trainer.model.state_dict(), before, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(trainer.optimizer.state_dict(), optimizer_before, rtol=0, atol=0)
 
 
 # --- resume errors ----------------------------------------------------------------------------------------------------
@@ -408,13 +413,15 @@ def test_non_finite_term_is_named_with_the_step(tmp_path, objective, poison, ter
     [
         dict(schedule="linear", schedule_options={"steps": 6}),  # beta changes every step: a 0-d tensor input
         dict(objective="iwae", k=3),
+        dict(grad_clip=0.5, lr_decay="cosine"),  # clipping and the learning rate in the compiled step
     ],
-    ids=["elbo-beta-warmup", "iwae"],
+    ids=["elbo-beta-warmup", "iwae", "clip-cosine"],
 )
 def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, overrides, monkeypatch):
     # With inductor's random draws replaced by torch's own (fallback_random), a compiled step draws the same noise as
     # an eager one, so the two runs must take the same steps up to float rounding; and a schedule whose value changes
-    # every step must not trigger a compilation per value.
+    # every step must not trigger a compilation per value. In one process the compiled step is the whole step
+    # (gradients and Adam's update in one graph): parameters and optimizer state must follow the eager step's.
     import torch._dynamo
     import torch._inductor.config
 
@@ -430,6 +437,10 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
             got = compiled.train_step()
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(), rtol=1e-4, atol=1e-5)
+    assert compiled._whole_step is not None and all(p.grad is None for p in compiled.model.parameters())
+    if "grad_clip" in overrides:
+        assert got["grad_norm"] > overrides["grad_clip"]  # the clipping was active
+    torch.testing.assert_close(compiled.optimizer.state_dict(), eager.optimizer.state_dict(), rtol=1e-4, atol=1e-6)
     # once the objective has compiled, validation's log p(x) is compiled too: with torch's own random draws
     # (fallback_random) it draws the same samples as the eager trainer's, so the bounds agree to rounding
     assert compiled._compiled_once
@@ -525,6 +536,30 @@ def test_bf16_autocast_rounds_the_steps_but_learns_as_well(tmp_path):
     assert all(p.dtype == torch.float32 for p in model16.parameters())
     assert abs(eval16["elbo"] - eval32["elbo"]) < 1.0 and abs(eval16["iwae_10"] - eval32["iwae_10"]) < 1.0
     assert eval16["elbo"] > eval32["elbo"] - 1.0
+
+
+def test_compiled_bf16_step_autocasts_inside_the_graph(tmp_path):
+    # compile=True with bf16: the compiled whole step rounds its matmuls to bfloat16 (so its steps differ from the
+    # float32 compiled steps drawn with the same noise), keeps weights and optimizer state in float32, and stays
+    # within a few percent of the float32 loss
+    import torch._inductor.config
+
+    runs = {}
+    for bf16 in (False, True):
+        trainer = Trainer(small_config(max_steps=8, compile=True, bf16=bf16), TRAIN, VALID, tmp_path / str(bf16))
+        with torch._inductor.config.patch(fallback_random=True):
+            for step in range(6):
+                torch.manual_seed(step)
+                loss = trainer.train_step()["loss"].item()
+        runs[bf16] = loss, trainer
+    (loss32, trainer32), (loss16, trainer16) = runs[False], runs[True]
+    assert trainer16._whole_step is not None and trainer16._compiled_once
+    assert loss16 != loss32 and abs(loss16 - loss32) < 0.05 * abs(loss32)
+    weights16, weights32 = trainer16.model.state_dict(), trainer32.model.state_dict()
+    assert all(w.dtype == torch.float32 for w in weights16.values())
+    assert any(not torch.equal(weights16[k], weights32[k]) for k in weights32)
+    for state in trainer16.optimizer.state.values():
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
 
 
 def test_cosine_lr_decay_is_logged(tmp_path):
