@@ -434,13 +434,13 @@ class Trainer:
         if self._whole_step is not None and self._steps_taken > 0:  # the first step runs eagerly: see _run_objective
             try:
                 with trusted_data():
-                    result = self._compiled(self._whole_step, x, sched, bits, torch.tensor(lr, device=self.device))
+                    result = self._compiled(self._whole_step, x, sched, bits, lr)
             except ValueError as err:
                 raise TrainingDiverged(f"step {step}: the batch was rejected: {err}") from err
             if result is not None:
                 stats, finite, bad = result
                 self._steps_taken += 1
-                if not bool(finite):  # the graph left parameters and optimizer state as they were
+                if not finite:  # the graph left parameters and optimizer state as they were
                     out = ObjectiveOutput(stats["loss"], stats["elbo"], stats.get("recon"), stats.get("kl"))
                     names = [name for name, flag in zip(self._whole_step.names, bad.tolist(), strict=True) if flag]
                     raise _diverged(step, out, stats["loss"], names)
@@ -653,9 +653,9 @@ class _WholeStep:
     parameters and optimizer state as they were, as the eager step does. At batch 100 on this project's CPUs this
     was 1.26x the compiled objective with eager backward and fused Adam (docs/performance.md).
 
-    Called as ``step(x, sched, bits, lr)`` with ``lr`` a 0-d tensor (a decaying rate would otherwise recompile);
-    returns (stats, finite, bad): the step's batch means (loss, elbo, recon, kl, grad_norm as the eager step
-    reports them), whether the update was applied, and per parameter whether its gradient had a non-finite value.
+    Called as ``step(x, sched, bits, lr)``; returns (stats, finite, bad): the step's batch means (loss, elbo, recon,
+    kl, grad_norm as the eager step reports them), whether the update was applied (a bool: the step's one host
+    synchronisation), and per parameter whether its gradient had a non-finite value.
     """
 
     def __init__(self, trainer: Trainer):
@@ -671,14 +671,25 @@ class _WholeStep:
         (self.beta1, self.beta2), self.eps = group["betas"], group["eps"]
         self.bf16, self.grad_clip = trainer.config.bf16, trainer.config.grad_clip
         self.compiled = torch.compile(self._step, dynamic=False)
+        self._counter: torch.Tensor | None = None  # the optimizer's step count, mirrored on the host as _count
+        self._count = 0.0
 
-    def __call__(self, x, sched, bits, lr):
+    def __call__(self, x, sched, bits, lr: float):
         state = [self.trainer.optimizer.state[p] for p in self.params]  # filled by the first (eager) step
         weights = [p.detach() for p in self.params]  # the parameters' own storage: updated in place
         for p in self.params:
             p.grad = None  # gradients stay inside the graph; none left over from an eager step
         moments = [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [s["step"] for s in state]
-        return self.compiled(weights, *moments, lr, x, sched, bits)
+        if moments[2][0] is not self._counter:  # the first call, or the optimizer's state was loaded anew
+            self._counter, self._count = moments[2][0], float(moments[2][0])
+        # Adam's step size and bias correction, in double precision on the host as torch.optim.Adam computes them
+        # (computed in the graph, two pow calls were repeated for every 16 values: 1.5x the update's time)
+        count = self._count + 1
+        factors = [lr / (1 - self.beta1**count), (1 - self.beta2**count) ** -0.5, count]
+        stats, finite, bad = self.compiled(weights, *moments, torch.tensor(factors, device=x.device), x, sched, bits)
+        finite = bool(finite)
+        self._count += finite
+        return stats, finite, bad
 
     def _loss(self, weights, x, sched, bits):
         named = {f"model.{name}": w for name, w in zip(self.names, weights, strict=True)}
@@ -688,7 +699,7 @@ class _WholeStep:
             means["recon"], means["kl"] = out.recon.mean(), out.kl.mean()
         return out.loss.mean(), means
 
-    def _step(self, weights, exp_avgs, exp_avg_sqs, steps, lr, x, sched, bits):
+    def _step(self, weights, exp_avgs, exp_avg_sqs, steps, factors, x, sched, bits):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             grads, (loss, means) = torch.func.grad_and_value(self._loss, has_aux=True)(weights, x, sched, bits)
         bad = torch.stack([~g.isfinite().all() for g in grads])
@@ -699,12 +710,11 @@ class _WholeStep:
             grads = [g * (self.grad_clip / (norm + 1e-6)).clamp(max=1.0) for g in grads]
             stats["grad_norm"] = norm
         beta1, beta2, eps = self.beta1, self.beta2, self.eps
-        count = steps[0] + 1
-        step_size, bias2_sqrt = lr / (1 - beta1**count), (1 - beta2**count).sqrt()
+        step_size, inverse_bias2_sqrt, count = factors
         for w, g, m, v, s in zip(weights, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
             m_new = m.lerp(g, 1 - beta1)
             v_new = v * beta2 + (1 - beta2) * g * g
-            w_new = w - step_size * m_new / (v_new.sqrt() / bias2_sqrt + eps)
+            w_new = w - step_size * m_new / (v_new.sqrt() * inverse_bias2_sqrt + eps)
             for old, new in ((w, w_new), (m, m_new), (v, v_new), (s, count)):
                 old.copy_(torch.where(finite, new, old))
         return stats, finite, bad
