@@ -345,12 +345,32 @@ def test_bernoulli_compiled_log_prob_float32_and_bfloat16_accuracy(fresh_dynamo)
     torch.testing.assert_close(got_bf16.double(), likelihood(half.double()).log_prob(x), rtol=1e-6, atol=1e-3)
 
 
-def test_bernoulli_compiled_log_prob_with_gradients_is_torchs(fresh_dynamo):
+@pytest.mark.parametrize("data_shape", [(784,), (1, 28, 28), (131,), (6,)])
+def test_bernoulli_compiled_log_prob_gradients_float64(fresh_dynamo, data_shape):
+    # with gradients, the blocked form's derivatives are written out: d/dl log p = x - sigmoid(l) and d/dx = l,
+    # equal to torch's autograd of its own formula, saturated logits included
     g = torch.Generator().manual_seed(2)
-    likelihood = BernoulliLikelihood((6,))
-    logits = torch.randn(K, B, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    x = (torch.rand(B, 6, generator=g) < 0.5).double()
-    got = _compiled_log_prob(likelihood)(logits, x)
-    (grad,) = torch.autograd.grad(got.sum(), logits)
-    torch.testing.assert_close(got, likelihood(logits).log_prob(x))
-    torch.testing.assert_close(grad, (x - torch.sigmoid(logits)).detach())  # d/dl log p = x - sigmoid(l)
+    likelihood = BernoulliLikelihood(data_shape)
+    logits = 20 * torch.randn(K, B, *data_shape, generator=g, dtype=torch.float64)
+    x = (torch.rand(B, *data_shape, generator=g) < 0.5).double()
+    weights = torch.randn(K, B, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
+    results = []
+    for f in (_compiled_log_prob(likelihood), lambda logits, x: likelihood(logits).log_prob(x)):
+        leaves = logits.clone().requires_grad_(), x.clone().requires_grad_()
+        value = f(*leaves)
+        results.append((value, *torch.autograd.grad((weights * value).sum(), leaves)))
+    (got, got_dl, got_dx), (expected, expected_dl, expected_dx) = results
+    size = math.prod(data_shape)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12 * size)
+    torch.testing.assert_close(got_dl, expected_dl, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got_dx, expected_dx, rtol=1e-12, atol=1e-15)
+    sigmoid = torch.sigmoid(logits).reshape(K, B, *data_shape)
+    torch.testing.assert_close(got_dl, weights.reshape(K, B, *[1] * len(data_shape)) * (x - sigmoid))
+
+
+def test_bernoulli_compiled_log_prob_gradient_passes_gradcheck(fresh_dynamo):
+    likelihood = BernoulliLikelihood((10,))
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(4, 10, generator=g, dtype=torch.float64)).requires_grad_()
+    x = torch.rand(4, 10, generator=g, dtype=torch.float64).requires_grad_()  # gradcheck needs a continuous x too
+    assert torch.autograd.gradcheck(_compiled_log_prob(likelihood), (logits, x))

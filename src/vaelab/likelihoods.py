@@ -52,28 +52,62 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 
 class IndependentBernoulli(Independent):
-    """``Independent(Bernoulli(logits), n)`` whose ``log_prob`` takes one ``exp`` per value inside compiled evaluation.
+    """``Independent(Bernoulli(logits), n)`` whose ``log_prob`` takes one ``exp`` per value inside ``torch.compile``.
 
     log p(x) = sum_i x_i l_i - softplus(l_i), softplus(l) = max(l, 0) + log(1 + e^-|l|). torch's Bernoulli computes
-    each value's BCE-with-logits (two ``exp`` and a ``log``). Inside ``torch.compile`` without gradients (the
-    importance-sampling hot path: k = 5000 decoder passes per example) the last term is summed instead as
-    sum_blocks log prod_{i in block} (1 + e^-|l_i|): one ``exp`` per value and one ``log`` per block of up to 64
-    values (the largest divisor of the event size), 12% faster per importance sample on the iwae-1layer model
-    (docs/performance.md). Half-precision logits are summed in float32. Eagerly (where the extra passes would cost
-    more than they save) and with gradients (the product's backward is slow), torch's formula.
+    each value's BCE-with-logits (two ``exp`` and a ``log``; compiled with its gradient, a second pass over the
+    values). Inside ``torch.compile`` the last term is summed instead as sum_blocks log prod_{i in block}
+    (1 + e^-|l_i|): one ``exp`` per value and one ``log`` per block of up to 64 values (the largest divisor of the
+    event size), and with gradients the derivative is written out, d/dl log p = x - sigmoid(l), with sigmoid(l)
+    from the same e^-|l| (the product's own backward is slow). 12% faster per importance sample in compiled
+    evaluation, ~20% faster for the decoder's last layer with the log-likelihood and its gradient in compiled
+    training (docs/performance.md). Half-precision logits are summed in float32. Eagerly, where the extra passes
+    would cost more than they save, torch's formula.
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
             return super().log_prob(value)
         logits = self.base_dist.logits
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         n = self.reinterpreted_batch_ndims
         logits, value = logits.flatten(-n), value.flatten(-n)  # (..., D)
-        size = logits.shape[-1]
-        blocks = logits.abs().neg().exp().add(1).unflatten(-1, (-1, _largest_divisor(size, _BERNOULLI_BLOCK)))
-        return (value * logits - logits.clamp(min=0)).sum(-1) - blocks.prod(-1).log().sum(-1)
+        if torch.is_grad_enabled():
+            return _BlockedBernoulliLogProb.apply(logits, value)
+        return _blocked_bernoulli_log_prob(logits, value)
+
+
+def _blocked_bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """sum_i x_i l_i - max(l_i, 0) - log(1 + e^-|l_i|) over the last dimension, the logs taken per block."""
+    blocks = logits.abs().neg().exp().add(1).unflatten(-1, (-1, _largest_divisor(logits.shape[-1], _BERNOULLI_BLOCK)))
+    return (value * logits - logits.clamp(min=0)).sum(-1) - blocks.prod(-1).log().sum(-1)
+
+
+class _BlockedBernoulliLogProb(torch.autograd.Function):
+    """:func:`_blocked_bernoulli_log_prob` with its gradient written out: d/dl = x - sigmoid(l), d/dx = l. The
+    sigmoid is recomputed from e^-|l| in the backward (cheaper than storing it: the pass is fused either way)."""
+
+    @staticmethod
+    def forward(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return _blocked_bernoulli_log_prob(logits, value)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, value = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        grad_logits = grad_value = None
+        if ctx.needs_input_grad[0]:
+            e = logits.abs().neg().exp()
+            sigmoid = torch.where(logits >= 0, 1, e) / (1 + e)
+            grad_logits = grad * (value - sigmoid)
+        if ctx.needs_input_grad[1]:
+            grad_value = grad * logits
+        return grad_logits, grad_value
 
 
 class BernoulliLikelihood(Likelihood):
