@@ -414,8 +414,10 @@ def test_non_finite_term_is_named_with_the_step(tmp_path, objective, poison, ter
         dict(schedule="linear", schedule_options={"steps": 6}),  # beta changes every step: a 0-d tensor input
         dict(objective="iwae", k=3),
         dict(grad_clip=0.5, lr_decay="cosine"),  # clipping and the learning rate in the compiled step
+        dict(objective="iwae_dreg", k=3),  # gradients through stop-gradients, by torch.func
+        dict(prior="learned-gaussian", likelihood="gaussian-learned", binarize=False),  # more parameters
     ],
-    ids=["elbo-beta-warmup", "iwae", "clip-cosine"],
+    ids=["elbo-beta-warmup", "iwae", "clip-cosine", "dreg", "learned-prior-and-scale"],
 )
 def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, overrides, monkeypatch):
     # With inductor's random draws replaced by torch's own (fallback_random), a compiled step draws the same noise as
@@ -458,6 +460,29 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
     key = f"iwae_{config.eval_k}"
     assert got[key] == pytest.approx(expected[key], rel=1e-4)
     assert got["elbo"] == pytest.approx(expected["elbo"], rel=1e-4)
+
+
+def test_compiled_training_resumes_from_its_checkpoint(tmp_path):
+    # the compiled step updates the optimizer's own state tensors, so a compiled run's checkpoint holds its moments
+    # and step count, and a resumed compiled run (whose first step runs eagerly, then compiled on the loaded state)
+    # ends where the uninterrupted one does, up to float rounding (torch's random draws: fallback_random)
+    import shutil
+
+    import torch._inductor.config
+
+    config = small_config(max_steps=12, checkpoint_every=6, compile=True)
+    with torch._inductor.config.patch(fallback_random=True):
+        train(config, TRAIN, VALID, tmp_path / "reference")
+        resumed = tmp_path / "resumed"  # the reference as a crash after its step-6 checkpoint would have left it
+        shutil.copytree(tmp_path / "reference", resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_00000012")
+        (resumed / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": "step_00000006"}))
+        (resumed / "model.safetensors").unlink()
+        assert train(config, TRAIN, VALID, resumed, resume=True).step == 12
+    for file in ("model.safetensors", "checkpoints/step_00000012/state.safetensors"):
+        got, expected = load_file(resumed / file), load_file(tmp_path / "reference" / file)
+        assert got.keys() == expected.keys() and any(key.startswith("optim") for key in got) == ("state" in file)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_training_without_a_working_compiler_warns_and_trains_eagerly(tmp_path, monkeypatch):
