@@ -5,7 +5,8 @@ Times ``C = A @ B`` for square float32 matrices of size n in (512, 1024, 2048) w
 best of ``repeats`` timings per size (the least disturbed by other work on the machine). One n x n x n product is
 2 n^3 floating-point operations. The peak is the best rate over the sizes. For comparison (not part of the peak) it
 also times the GEMM shapes of the benchmarked model (iwae-1layer): the decoder's layers on a compiled log p(x) chunk
-of 2,600 rows and the largest layers of a training step at batch 100 and 1000, forward shapes.
+of 2,600 rows and the largest layers of a training step at batch 100 and 1000, forward shapes; and the bfloat16
+rate of the same square products (the yardstick for bf16 autocast: AMX or AVX-512 BF16 where the CPU has them).
 
     .venv/bin/python benchmarks/matmul_peak.py              # ~20 s on 2 cores
     .venv/bin/python benchmarks/matmul_peak.py --quick      # ~5 s
@@ -39,11 +40,13 @@ MODEL_SHAPES = {
 }
 
 
-def gemm_rate(m: int, k: int, n: int, *, repeats: int = 1, min_seconds: float = 0.1) -> float:
-    """Best GFLOP/s over ``repeats`` timings of enough [m, k] @ [k, n] float32 products to last ``min_seconds`` each."""
+def gemm_rate(
+    m: int, k: int, n: int, *, repeats: int = 1, min_seconds: float = 0.1, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best GFLOP/s over ``repeats`` timings of enough [m, k] @ [k, n] products to last ``min_seconds`` each."""
     g = torch.Generator().manual_seed(m * k + n)
-    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
-    c = torch.empty(m, n)
+    a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
+    c = torch.empty(m, n, dtype=dtype)
     torch.mm(a, b, out=c)  # warm-up: thread pool, BLAS kernels, page faults
     tick = time.perf_counter()
     torch.mm(a, b, out=c)
@@ -59,9 +62,16 @@ def gemm_rate(m: int, k: int, n: int, *, repeats: int = 1, min_seconds: float = 
     return best
 
 
-def matmul_rate(n: int, *, repeats: int = 1, min_seconds: float = 0.1) -> float:
-    """Best GFLOP/s over ``repeats`` timings of enough n x n float32 products to last ``min_seconds`` each."""
-    return gemm_rate(n, n, n, repeats=repeats, min_seconds=min_seconds)
+def matmul_rate(n: int, *, repeats: int = 1, min_seconds: float = 0.1, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s over ``repeats`` timings of enough n x n products to last ``min_seconds`` each."""
+    return gemm_rate(n, n, n, repeats=repeats, min_seconds=min_seconds, dtype=dtype)
+
+
+def bf16_matmul_peak(sizes=SIZES, *, repeats: int = 3, min_seconds: float = 0.25) -> dict:
+    """The bfloat16 rate of the same square products: ``{"peak_gflops": float, "gflops_by_size": {n: float}}``."""
+    rate = {"repeats": repeats, "min_seconds": min_seconds, "dtype": torch.bfloat16}
+    by_size = {int(n): matmul_rate(int(n), **rate) for n in sizes}
+    return {"peak_gflops": max(by_size.values()), "gflops_by_size": by_size, "dtype": "bfloat16"}
 
 
 def matmul_peak(sizes=SIZES, *, repeats: int = 5, min_seconds: float = 0.25) -> dict:
@@ -105,6 +115,9 @@ def main(argv=None) -> int:
         rate = gemm_rate(m, k, n, repeats=repeats, min_seconds=min_seconds)
         result["gflops_by_model_shape"][name] = rate
         print(f"  {name:<42} [{m}, {k}] @ [{k}, {n}]: {rate:8.1f} GFLOP/s ({rate / result['peak_gflops']:.0%})")
+    result["bf16"] = bf16_matmul_peak(repeats=repeats, min_seconds=min_seconds)
+    rates = ", ".join(f"n = {n}: {rate:.1f}" for n, rate in result["bf16"]["gflops_by_size"].items())
+    print(f"bfloat16 matmul peak: {result['bf16']['peak_gflops']:.1f} GFLOP/s ({rates})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"results written to {args.out}")

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from matmul_peak import matmul_peak, matmul_rate
+from matmul_peak import bf16_matmul_peak, matmul_peak, matmul_rate
 from peers import pythae_vae
 from provenance import DEFAULT_DATA_DIR, RESULTS, command_python, vaelab_commit
 from torch import nn
@@ -494,6 +494,12 @@ def main(argv=None) -> int:
         }
         del impls
     results["load_average_at_end"] = os.getloadavg()
+    # bf16 rows count float32-equivalent work: against the bf16 matmul rate too, measured once at the end
+    results["bf16_matmul_peak"] = bf16_peak = bf16_matmul_peak(repeats=1 if args.quick else 3)
+    for e in results["by_batch_size"].values():
+        for name, s in e["implementations"].items():
+            if "bf16" in name:
+                s["fraction_of_bf16_peak"] = s["gflops"] / bf16_peak["peak_gflops"]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
@@ -511,6 +517,13 @@ def main(argv=None) -> int:
     print(f"(test ELBO: kl form, k = 1, nats, on {len(test_x)} fixed-binarized test images;")
     print(" x hand: the median over rounds of samples/s divided by the hand loop's in the same round;")
     print(" of peak: achieved GFLOP/s over the matmul rate measured in the same round; of best: over the best rate)")
+    for b, e in results["by_batch_size"].items():
+        for name, s in e["implementations"].items():
+            if "fraction_of_bf16_peak" in s:
+                print(
+                    f"batch {b} {name}: {s['fraction_of_bf16_peak']:.1%} of the bfloat16 matmul peak "
+                    f"({bf16_peak['peak_gflops']:.0f} GFLOP/s)"
+                )
     print(f"results written to {args.out}")
     return 0
 
