@@ -371,7 +371,8 @@ class Trainer:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(self.train_data.shape[0], generator=g).to(self.device))
         idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size]
-        return self.train_data[idx[self.rank :: self.world]]  # this rank's share of the global batch, unbinarized
+        # this rank's share of the global batch, unbinarized; index_select: the same rows as train_data[idx], faster
+        return self.train_data.index_select(0, idx[self.rank :: self.world])
 
     def _lr(self, step: int) -> float:
         return self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
