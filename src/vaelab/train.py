@@ -104,9 +104,9 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     bf16: bool = False  # bfloat16 autocast of the training steps (CUDA, or CPUs with AVX-512 BF16 / AMX); evaluation
     # and the validation passes stay in float32
-    compile: bool = False  # torch.compile the per-batch objective: fused element-wise work, 1.1-1.2x faster steps on
-    # this project's CPUs for a one-off compilation of 10-60 s; bf16 on top: 0.93-1.53x, by CPU and batch size
-    # (docs/performance.md)
+    compile: bool = False  # torch.compile the whole step (gradients and Adam update in one graph; under torchrun the
+    # objective): 1.3-1.6x the steps/s of a hand-written loop on this project's CPUs for a one-off compilation of
+    # 5-60 s; bf16 on top: 0.9-1.5x more, by CPU and batch size (docs/performance.md)
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
