@@ -462,6 +462,43 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
     assert got["elbo"] == pytest.approx(expected["elbo"], rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(objective="capacity"), r"'capacity' objective needs capacity, gamma: .*--schedule capacity"),
+        (dict(objective="free_bits"), r"'free_bits' objective needs free_nats: .*objective_options"),
+        (dict(objective_options={"beta": 2.0}), r"beta of the 'elbo' objective is set by the 'constant' schedule"),
+        (dict(objective_options={"bogus": 1}), r"unknown objective_options bogus for the 'elbo' objective"),
+    ],
+    ids=["capacity-without-schedule", "free-bits-without-free-nats", "beta-twice", "unknown-option"],
+)
+def test_objective_arguments_are_checked_before_training(tmp_path, overrides, message):
+    # refused when the Trainer is built, with what to set where, instead of a TypeError at the first step
+    with pytest.raises(ValueError, match=message):
+        Trainer(small_config(max_steps=5, **overrides), TRAIN, VALID, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_compilation_is_automatic_for_long_runs_only(tmp_path):
+    # compile=None (the default) compiles runs on >= AUTO_COMPILE_SAMPLES examples, where the compilation repays
+    # itself; an explicit choice wins either way
+    from vaelab.train import AUTO_COMPILE_SAMPLES
+
+    assert TrainConfig().compile is None
+    short = Trainer(small_config(max_steps=100), TRAIN, VALID, tmp_path / "short")
+    assert short.total_steps * short.batch_size < AUTO_COMPILE_SAMPLES and not short.compiles
+    assert short._whole_step is None
+    steps = AUTO_COMPILE_SAMPLES // short.batch_size
+    long = Trainer(small_config(max_steps=steps, epochs=10**6), TRAIN, VALID, tmp_path / "long")
+    assert long.total_steps * long.batch_size >= AUTO_COMPILE_SAMPLES and long.compiles
+    assert long._whole_step is not None
+    forced_off = small_config(max_steps=steps, epochs=10**6, compile=False)
+    assert not Trainer(forced_off, TRAIN, VALID, tmp_path / "a").compiles
+    assert Trainer(small_config(max_steps=100, compile=True), TRAIN, VALID, tmp_path / "b").compiles
+    with pytest.raises(ValueError, match="compile must be"):
+        small_config(compile="yes")
+
+
 def test_compiled_training_resumes_from_its_checkpoint(tmp_path):
     # the compiled step updates the optimizer's own state tensors, so a compiled run's checkpoint holds its moments
     # and step count, and a resumed compiled run (whose first step runs eagerly, then compiled on the loaded state)

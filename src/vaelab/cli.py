@@ -104,8 +104,12 @@ def _add_train(sub) -> None:
     from vaelab.objectives import OBJECTIVES
     from vaelab.priors import PRIORS
     from vaelab.schedules import SCHEDULES
-    from vaelab.train import HIERARCHICAL, LR_DECAYS
+    from vaelab.train import AUTO_COMPILE_SAMPLES, HIERARCHICAL, LR_DECAYS
 
+    none_means = {  # what a boolean field's default of None stands for
+        "binarize": "binarize iff the likelihood is Bernoulli",
+        "compile": f"compile runs on >= {AUTO_COMPILE_SAMPLES:,} training examples, where it repays itself",
+    }
     choices = {
         "architecture": {**ARCHITECTURES, **HIERARCHICAL},
         "prior": PRIORS,
@@ -121,8 +125,13 @@ def _add_train(sub) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if f.type in ("bool", "bool | None"):
+            meaning = f": {none_means[f.name]}" if default is None and f.name in none_means else ""
             group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})"
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"(default: {default}{meaning})",
             )
         else:
             options = sorted(choices[f.name]) if f.name in choices else None

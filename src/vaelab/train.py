@@ -104,9 +104,10 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     bf16: bool = False  # bfloat16 autocast of the training steps (CUDA, or CPUs with AVX-512 BF16 / AMX); evaluation
     # and the validation passes stay in float32
-    compile: bool = False  # torch.compile the whole step (gradients and Adam update in one graph; under torchrun the
-    # objective): 1.3-1.6x the steps/s of a hand-written loop on this project's CPUs for a one-off compilation of
-    # 5-60 s; bf16 on top: 0.9-1.5x more, by CPU and batch size (docs/performance.md)
+    compile: bool | None = None  # torch.compile the whole step (gradients and Adam update in one graph; under
+    # torchrun the objective): 1.3-1.6x the steps/s of a hand-written loop on this project's CPUs for a one-off
+    # compilation of 5-60 s; bf16 on top: 0.9-1.5x more, by CPU and batch size (docs/performance.md). None: compile
+    # when the run trains on >= AUTO_COMPILE_SAMPLES examples (e.g. 100 MNIST epochs), where it repays itself
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -143,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true, false or None (automatic), got {self.compile!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
@@ -159,6 +162,11 @@ class TrainConfig:
             raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
         return cls(**data)
 
+
+# compile=None compiles runs on at least this many training examples (steps x batch size): a compilation costs ~5-20 s
+# here and saves ~13 us per example at batch 100 (30k -> 50k examples/s), so it repays itself from ~1.5M examples;
+# at 5M (100 epochs of MNIST's 50k) it saves a minute or more (docs/performance.md)
+AUTO_COMPILE_SAMPLES = 5_000_000
 
 LR_DECAYS = {
     "none": lambda step, total: 1.0,
@@ -312,12 +320,16 @@ class Trainer:
         if "form" in inspect.signature(self.objective).parameters:
             self.objective_options.setdefault("form", config.form)
         self.schedule = make_schedule(config.schedule, **config.schedule_options)
+        _check_objective_arguments(config, self.objective, self.objective_options, self.schedule.objective_kwargs(0))
         # Compiled: in one process the whole step is one graph (_WholeStep: gradients and the Adam update); under
         # torchrun, where gradients are averaged between the two, the objective is (forward and backward fused).
         # A schedule's changing values go in as 0-d tensors so that they do not trigger a recompilation each.
-        self._forward = torch.compile(self._objective, dynamic=False) if config.compile else self._objective
-        self._whole_step = _WholeStep(self) if config.compile and self.world == 1 else None
-        self._schedule_as_tensors = config.compile and not isinstance(self.schedule, Constant)
+        self.compiles = compiles = (
+            config.compile if config.compile is not None else self.total_steps * self.batch_size >= AUTO_COMPILE_SAMPLES
+        )
+        self._forward = torch.compile(self._objective, dynamic=False) if compiles else self._objective
+        self._whole_step = _WholeStep(self) if compiles and self.world == 1 else None
+        self._schedule_as_tensors = compiles and not isinstance(self.schedule, Constant)
         self._steps_taken = 0  # by this Trainer (the first runs eagerly: see _run_objective)
         self._compiled_once = False
         self.step = 0
@@ -404,7 +416,8 @@ class Trainer:
         """``function(*args)``, a compiled function; None if it fails to compile (no C++ compiler, say): then a
         warning, and every later step runs eagerly."""
         if not self._compiled_once and self.config.progress and self.rank == 0:
-            print("compiling the training step (once, ~10-60 s)", file=sys.stderr)
+            why = "" if self.config.compile else f": automatic for runs of >= {AUTO_COMPILE_SAMPLES:,} examples"
+            print(f"compiling the training step (once, ~10-60 s{why}; --no-compile to skip)", file=sys.stderr)
         try:
             result = function(*args)
         except ValueError:
@@ -793,6 +806,31 @@ def _mean_over_ranks(values: list[torch.Tensor], world: int, device: torch.devic
         dist.all_reduce(stacked)
         stacked = stacked / world
     return stacked.tolist()
+
+
+def _check_objective_arguments(config: TrainConfig, objective, options: dict, from_schedule: dict) -> None:
+    """Refuse, before the first step, keyword arguments the objective would refuse at it: missing, unknown, or set
+    both by ``objective_options`` and by the schedule."""
+    parameters = inspect.signature(objective).parameters
+    keyword = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+    name = f"the {config.objective!r} objective"
+    twice = sorted(set(options) & set(from_schedule))
+    if twice:
+        raise ValueError(
+            f"{', '.join(twice)} of {name} is set by the {config.schedule!r} schedule: set it through schedule_options "
+            f"(--schedule-options), not objective_options"
+        )
+    unknown = sorted(set(options) - keyword)
+    if unknown:
+        choices = sorted(keyword - set(from_schedule) - {"k", "q"})
+        raise ValueError(f"unknown objective_options {', '.join(unknown)} for {name}; it takes {', '.join(choices)}")
+    supplied = {"k", *options, *from_schedule}
+    missing = [n for n, p in parameters.items() if n in keyword and p.default is p.empty and n not in supplied]
+    if missing:
+        where = f"objective_options (--objective-options '{{\"{missing[0]}\": ...}}')"
+        if set(missing) <= {"capacity", "gamma"}:  # what the capacity schedule supplies at every step
+            where = f"the capacity schedule (--schedule capacity), or {where}"
+        raise ValueError(f"{name} needs {', '.join(missing)}: set {'it' if len(missing) == 1 else 'them'} with {where}")
 
 
 def _diverged(step: int, out: ObjectiveOutput, loss: torch.Tensor, bad_gradients: list[str]) -> TrainingDiverged:
