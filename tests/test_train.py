@@ -499,6 +499,22 @@ def test_compilation_is_automatic_for_long_runs_only(tmp_path):
         small_config(compile="yes")
 
 
+def test_compiled_training_recovers_from_a_first_step_that_diverged(tmp_path):
+    # the compiled step works on Adam's state, which only a successful (eager) step creates: after a first step that
+    # was refused, the next steps must still run (eagerly until one succeeds, then compiled)
+    trainer = Trainer(small_config(max_steps=10, compile=True), TRAIN, VALID, tmp_path)
+    weight = trainer.model.decoder.output_layer.weight
+    with torch.no_grad():
+        saved, weight[0, 0] = weight[0, 0].item(), math.nan
+    with pytest.raises(TrainingDiverged, match=r"^step 0: "):
+        trainer.train_step()
+    with torch.no_grad():
+        weight[0, 0] = saved
+    stats = [trainer.train_step() for _ in range(3)]
+    assert trainer.step == 3 and all(bool(torch.isfinite(s["loss"])) for s in stats)
+    assert trainer._whole_step is not None and trainer._compiled_once
+
+
 def test_compiled_training_resumes_from_its_checkpoint(tmp_path):
     # the compiled step updates the optimizer's own state tensors, so a compiled run's checkpoint holds its moments
     # and step count, and a resumed compiled run (whose first step runs eagerly, then compiled on the loaded state)

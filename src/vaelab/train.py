@@ -445,7 +445,8 @@ class Trainer:
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self._whole_step is not None and self._steps_taken > 0:  # the first step runs eagerly: see _run_objective
+        # the first step runs eagerly (see _run_objective), and so does every step until one filled Adam's state
+        if self._whole_step is not None and self._steps_taken > 0 and self.optimizer.state:
             try:
                 with trusted_data():
                     result = self._compiled(self._whole_step, x, sched, bits, lr)
