@@ -310,3 +310,45 @@ def test_decoder_gradcheck_float64(decoder):
     decoder = decoder.double()
     z = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(decoder, (z,))
+
+
+# --- tanh inside torch.compile: ATen's kernel, not inductor's ---------------------------------------------------
+@pytest.fixture
+def fresh_dynamo():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_tanh_is_atens_kernel_with_the_same_values_and_gradients(fresh_dynamo, dtype):
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Sequential(nn.Linear(7, 33), ACTIVATIONS["tanh"]()).to(dtype)
+    x = 4 * torch.randn(50, 7, generator=g, dtype=dtype)  # saturated values too
+    upstream = torch.randn(50, 33, generator=g, dtype=dtype)
+
+    def value_and_grads(x):
+        out = layer(x)
+        return (out, *torch.autograd.grad((upstream * out).sum(), (x, layer[0].weight)))
+
+    compiled = torch.compile(value_and_grads)
+    leaf = x.clone().requires_grad_()
+    got, code = run_and_get_code(compiled, leaf)
+    assert any("vaelab.tanh" in c for c in code), "the compiled graph does not call ATen's tanh"
+    expected = value_and_grads(x.clone().requires_grad_())
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)  # the same kernel on the same input
+    for a, b in zip(got[1:], expected[1:], strict=True):  # d/dx tanh = 1 - tanh^2, written out
+        torch.testing.assert_close(
+            a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-12 if dtype == torch.float64 else 1e-6
+        )
+
+
+def test_tanh_is_still_nn_tanh_eagerly():
+    act = ACTIVATIONS["tanh"]()
+    assert isinstance(act, nn.Tanh) and repr(act) == "Tanh()"
+    x = torch.linspace(-30, 30, 1001, dtype=torch.float64)
+    assert torch.equal(act(x), torch.tanh(x))
