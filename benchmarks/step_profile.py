@@ -38,6 +38,7 @@ ROWS = (
         lambda name: name.startswith("graph_") and "log" in name and "exp" in name and "abs" in name,
     ),
     ("other fused kernels", lambda name: name.startswith("graph_")),
+    ("tanh (ATen's kernel, called as vaelab::tanh)", lambda name: name in ("aten::tanh", "vaelab::tanh")),
     ("random bits (random_)", lambda name: name == "aten::random_"),
     ("batch gather (index_select / index)", lambda name: name in ("aten::index_select", "aten::index")),
     ("dynamo's guards", lambda name: "Cache Lookup" in name),

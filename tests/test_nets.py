@@ -327,9 +327,12 @@ def test_compiled_tanh_is_atens_kernel_with_the_same_values_and_gradients(fresh_
     from torch._inductor.utils import run_and_get_code
 
     g = torch.Generator().manual_seed(0)
+    from vaelab.nets import ATEN_TANH_MIN_VALUES
+
+    rows = ATEN_TANH_MIN_VALUES // 33 + 1  # large enough for the ATen call
     layer = nn.Sequential(nn.Linear(7, 33), ACTIVATIONS["tanh"]()).to(dtype)
-    x = 4 * torch.randn(50, 7, generator=g, dtype=dtype)  # saturated values too
-    upstream = torch.randn(50, 33, generator=g, dtype=dtype)
+    x = 4 * torch.randn(rows, 7, generator=g, dtype=dtype)  # saturated values too
+    upstream = torch.randn(rows, 33, generator=g, dtype=dtype)
 
     def value_and_grads(x):
         out = layer(x)
@@ -345,6 +348,16 @@ def test_compiled_tanh_is_atens_kernel_with_the_same_values_and_gradients(fresh_
         torch.testing.assert_close(
             a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-12 if dtype == torch.float64 else 1e-6
         )
+
+
+def test_compiled_tanh_of_few_values_stays_inductors(fresh_dynamo):
+    from torch._inductor.utils import run_and_get_code
+
+    layer = nn.Sequential(nn.Linear(7, 33), ACTIVATIONS["tanh"]())
+    x = torch.randn(50, 7)
+    got, code = run_and_get_code(torch.compile(layer), x)
+    assert not any("vaelab.tanh" in c for c in code)  # 1,650 values: a call would cost more than it saves
+    torch.testing.assert_close(got, layer(x))
 
 
 def test_tanh_is_still_nn_tanh_eagerly():
