@@ -2,9 +2,11 @@
 
 The loop, per step: draw the batch (a fixed permutation per epoch, so the data order is a pure function of seed and
 step), binarize it on the device if asked, evaluate the per-example objective, reduce once (mean), backward, clip,
-Adam step. Around it: the KL schedule and learning rate as pure functions of the step, metrics to JSONL and
-TensorBoard, evaluation on a validation set, atomic checkpoints (:mod:`vaelab.checkpoint`), exact resume, a clean stop
-on Ctrl-C / SIGTERM, and a stop naming the term and step when anything turns non-finite.
+Adam step. Compiled (``compile=True``, the default for long runs), that whole step is one ``torch.compile``d graph
+with the same arithmetic (:class:`_WholeStep`). Around it: the KL schedule and learning rate as pure functions of
+the step, metrics to JSONL and TensorBoard, evaluation on a validation set, atomic checkpoints
+(:mod:`vaelab.checkpoint`), exact resume, a clean stop on Ctrl-C / SIGTERM, and a stop naming the term and step when
+anything turns non-finite.
 
 On CPU, a run interrupted (even by SIGKILL) and resumed from its last checkpoint ends with weights bit-identical to an
 uninterrupted run with the same seed: every source of randomness is either a function of (seed, step) or an RNG whose
@@ -417,7 +419,8 @@ class Trainer:
         warning, and every later step runs eagerly."""
         if not self._compiled_once and self.config.progress and self.rank == 0:
             why = "" if self.config.compile else f": automatic for runs of >= {AUTO_COMPILE_SAMPLES:,} examples"
-            print(f"compiling the training step (once, ~10-60 s{why}; --no-compile to skip)", file=sys.stderr)
+            skip = "compile=False / --no-compile to skip"
+            print(f"compiling the training step (once, ~10-60 s{why}; {skip})", file=sys.stderr)
         try:
             result = function(*args)
         except ValueError:
@@ -666,7 +669,7 @@ class _WholeStep:
     own state tensors, so checkpoints and resume are those of the eager step. The update is applied only where the
     loss and every gradient are finite (``torch.where`` in the graph): a step that fails the host's check leaves
     parameters and optimizer state as they were, as the eager step does. On this project's CPU it took training at
-    batch 100 from 1.15x to 1.61x a hand-written loop's samples/s (the compiled objective with eager backward and
+    batch 100 from 1.15x to ~1.6x a hand-written loop's samples/s (the compiled objective with eager backward and
     fused Adam before; docs/performance.md).
 
     Called as ``step(x, sched, bits, lr)``; returns (stats, finite, bad): the step's batch means (loss, elbo, recon,
