@@ -298,15 +298,6 @@ def test_check_data_rejects_continuous_bernoulli_data_outside_unit_interval(bad)
 
 
 # --- the compiled Bernoulli log-probability (one exp per value, a log per block) ---------------------------------
-@pytest.fixture
-def fresh_dynamo():
-    import torch._dynamo
-
-    torch._dynamo.reset()  # every case compiles its own graph: no recompile limit across parametrized cases
-    yield
-    torch._dynamo.reset()
-
-
 def _compiled_log_prob(likelihood):
     return torch.compile(lambda logits, x: likelihood(logits).log_prob(x), dynamic=False)
 

@@ -313,15 +313,6 @@ def test_decoder_gradcheck_float64(decoder):
 
 
 # --- tanh inside torch.compile: ATen's kernel, not inductor's ---------------------------------------------------
-@pytest.fixture
-def fresh_dynamo():
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_tanh_is_atens_kernel_with_the_same_values_and_gradients(fresh_dynamo, dtype):
     from torch._inductor.utils import run_and_get_code
