@@ -23,7 +23,6 @@ with --out; on the device machine write under $OUT to get it back).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from provenance import RESULTS, command_python, vaelab_commit
+from provenance import RESULTS, command_line, vaelab_commit, write_results
 
 from vaelab.estimators import log_marginal
 from vaelab.train import TrainConfig, Trainer
@@ -43,6 +42,7 @@ PIXELS, LATENT = 784, 50
 
 
 def config(batch_size: int, device: str, **options) -> TrainConfig:
+    """The benchmarked model (iwae-1layer, as in throughput.py) trained on dynamically binarized data."""
     return TrainConfig(
         architecture="iwae-1layer", latent_dim=LATENT, batch_size=batch_size, epochs=1000, binarize=True,
         validation_size=0, device=device, progress=False, **options,
@@ -197,9 +197,7 @@ def main(argv=None) -> int:
     print(f"device check on {name} (torch {torch.__version__})", flush=True)
     results = {
         "benchmark": "compiled training step and log p(x) on one device",
-        "command": " ".join(
-            [command_python(), "benchmarks/device_check.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": command_line("device_check.py", argv),
         "vaelab_commit": vaelab_commit(),
         "torch": torch.__version__,
         "device": name,
@@ -213,8 +211,7 @@ def main(argv=None) -> int:
         results["log_px"] = logpx(device, run_dir)
     ok = all(r["ok"] for r in results["steps"].values()) and results["log_px"]["ok"]
     results["ok"] = ok
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     print(f"{'all checks passed' if ok else 'A CHECK FAILED'}; results written to {args.out}")
     return 0 if ok else 1
 

@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import RESULTS, write_results
 
 import vaelab
 from vaelab.data import binarize_fixed, load_dataset
 from vaelab.train import TrainConfig, Trainer
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def evaluate(model, test: torch.Tensor, *, k: int, batch: int, device: torch.device) -> dict:
@@ -134,8 +133,7 @@ def main(argv=None) -> int:
         entry.update(evaluate(trainer.model, test_x, k=args.eval_k, batch=100, device=device))
         results["models"][label] = entry
         print(json.dumps({label: entry}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     print(f"\n{'model':<8} {'epochs':>6} {'test log p(x)':>14} {'test ELBO':>10} {'samples/s':>10} {'k-hat>0.7':>9}")
     for label, e in results["models"].items():
         print(

@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 from matmul_peak import matmul_peak
 from peers import pythae_vae
-from provenance import DEFAULT_DATA_DIR, RESULTS, command_python, vaelab_commit
+from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab_commit, write_results
 
 import vaelab
 from vaelab.data import binarize_fixed, load_dataset
@@ -411,7 +411,7 @@ def main(argv=None) -> int:
 
     results = {
         "benchmark": "log p(x) by importance sampling, iwae-1layer VAE, fixed-binarized MNIST test images",
-        "command": " ".join([command_python(), "benchmarks/logpx_eval.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("logpx_eval.py", argv),
         "model": str(args.run_dir) if args.run_dir else f"trained here: {args.train_steps} steps of batch 100",
         "k": args.k,
         "rounds": args.rounds,
@@ -426,8 +426,7 @@ def main(argv=None) -> int:
         "comparison": comparison,
         "scaling": scaling,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     print_tables(results, args)
     print(f"results written to {args.out}")
     return 0

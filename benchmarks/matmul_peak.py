@@ -18,15 +18,14 @@ Writes benchmarks/results/matmul_peak.json (override with --out). Other benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import RESULTS, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (512, 1024, 2048)
 # (rows, inner, columns) of the benchmarked model's GEMMs: [rows, inner] @ [inner, columns]
 MODEL_SHAPES = {
@@ -118,8 +117,7 @@ def main(argv=None) -> int:
     result["bf16"] = bf16_matmul_peak(repeats=repeats, min_seconds=min_seconds)
     rates = ", ".join(f"n = {n}: {rate:.1f}" for n, rate in result["bf16"]["gflops_by_size"].items())
     print(f"bfloat16 matmul peak: {result['bf16']['peak_gflops']:.1f} GFLOP/s ({rates})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"results written to {args.out}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,3 +27,14 @@ def command_python() -> str:
     """This interpreter as a path relative to the repository when it is inside it (e.g. benchmarks/.venv-peers)."""
     path = Path(sys.executable)
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How a run was started, for its results: the interpreter (:func:`command_python`), the script, its arguments."""
+    return " ".join([command_python(), f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_results(path: Path, results: dict) -> None:
+    """``results`` as indented JSON at ``path``, its folder created if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))

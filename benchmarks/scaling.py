@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 from logpx_eval import _reset_peak, _status_mib
-from provenance import DEFAULT_DATA_DIR, REPO, RESULTS, command_python, vaelab_commit
+from provenance import DEFAULT_DATA_DIR, REPO, RESULTS, command_line, vaelab_commit, write_results
 
 from vaelab.data import binarize_fixed, load_dataset
 from vaelab.estimators import log_marginal
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
 
     results = {
         "benchmark": "scaling of log_marginal (k, batch, latent size, data size) and of train_step (batch), CPU",
-        "command": " ".join([command_python(), "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("scaling.py", argv),
         "vaelab_commit": vaelab_commit(),
         "torch": torch.__version__,
         "threads": training[0]["threads"] if training else next(iter(measured.values()))["threads"],
@@ -328,8 +328,7 @@ def main(argv=None) -> int:
         "log_marginal": sweeps,
         "training": training,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     plot(results, args.figure)
     print_tables(results)
     print(f"{results['wall_seconds']:.0f} s; results written to {args.out}, figure to {args.figure}")

@@ -15,7 +15,6 @@ Writes benchmarks/results/step_profile.json (override with --out).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config
-from provenance import RESULTS, command_python, vaelab_commit
+from device_check import PIXELS, config
+from provenance import RESULTS, command_line, vaelab_commit, write_results
 from torch.profiler import profile
 
-from vaelab.train import TrainConfig, Trainer
+from vaelab.train import Trainer
 
 # (row, test on a profiler event name), first match wins; inductor's kernels are named after the ops they fuse
 ROWS = (
@@ -46,13 +46,9 @@ ROWS = (
 
 
 def profile_step(batch_size: int, *, bf16: bool, steps: int) -> dict:
-    data = torch.rand(60_000, 784)
-    config = TrainConfig(
-        architecture="iwae-1layer", latent_dim=50, batch_size=batch_size, epochs=10, binarize=True,
-        validation_size=0, device="cpu", progress=False, compile=True, bf16=bf16,
-    )  # fmt: skip
+    data = torch.rand(60_000, PIXELS)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, data, None, run_dir)
+        trainer = Trainer(config(batch_size, "cpu", compile=True, bf16=bf16), data, None, run_dir)
         for _ in range(10):  # the first step runs eagerly, the second compiles
             trainer.train_step()
         walls = []
@@ -76,10 +72,6 @@ def profile_step(batch_size: int, *, bf16: bool, steps: int) -> dict:
     return {"wall_ms_per_step": walls, "profiled_ms_per_step": total, "ms_per_step": rows}
 
 
-def command(argv) -> str:
-    return " ".join([command_python(), "benchmarks/step_profile.py", *(sys.argv[1:] if argv is None else argv)])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (default: float32)")
@@ -89,7 +81,7 @@ def main(argv=None) -> int:
     torch._inductor.config.cpp.enable_kernel_profile = True
     results = {
         "benchmark": "compiled training step, profiler self time by kind of work",
-        "command": command(argv),
+        "command": command_line("step_profile.py", argv),
         "vaelab_commit": vaelab_commit(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -104,8 +96,7 @@ def main(argv=None) -> int:
     print(f"{'wall (no profiler; median of 3)':<56}" + "".join(f"{sorted(w)[1]:>12.2f}" for w in walls))
     for row in results["by_batch_size"][sizes[0]]["ms_per_step"]:
         print(f"{row:<56}" + "".join(f"{results['by_batch_size'][b]['ms_per_step'][row]:>12.3f}" for b in sizes))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     print(f"results written to {args.out}")
     return 0
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import platform
@@ -60,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from matmul_peak import bf16_matmul_peak, matmul_peak, matmul_rate
 from peers import pythae_vae
-from provenance import DEFAULT_DATA_DIR, RESULTS, command_python, vaelab_commit
+from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab_commit, write_results
 from torch import nn
 
 import vaelab
@@ -441,7 +440,7 @@ def main(argv=None) -> int:
 
     results: dict = {
         "benchmark": "training throughput, iwae-1layer VAE on dynamically binarized MNIST",
-        "command": " ".join([command_python(), "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("throughput.py", argv),
         "vaelab_commit": vaelab_commit(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -501,8 +500,7 @@ def main(argv=None) -> int:
             if "bf16" in name:
                 s["fraction_of_bf16_peak"] = s["gflops"] / bf16_peak["peak_gflops"]
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     print(f"\npeak {peak['peak_gflops']:.1f} GFLOP/s; {TRAIN_FLOP_PER_EXAMPLE / 1e6:.2f} MFLOP per training example")
     header = ("batch", "implementation", "samples/s", "x hand", "GFLOP/s", "of peak", "of best", "test ELBO")
     print("{:>5} {:<19} {:>9} {:>7} {:>8} {:>7} {:>7} {:>16}".format(*header))
