@@ -38,8 +38,8 @@ class Likelihood(nn.Module):
         if len(self.data_shape) == 0 or any(n < 1 for n in self.data_shape):
             raise ValueError(f"data_shape must be a non-empty shape of positive sizes, got {tuple(data_shape)}")
 
-    def _independent(self, base: Distribution) -> Distribution:
-        return Independent(base, len(self.data_shape), validate_args=False)
+    def _independent(self, base: Distribution, kind: type[Independent] = Independent) -> Distribution:
+        return kind(base, len(self.data_shape), validate_args=False)
 
 
 # Values per block of the compiled Bernoulli log-normalizer: each factor 1 + e^-|l| lies in (1, 2], so a block's product
@@ -116,8 +116,7 @@ class BernoulliLikelihood(Likelihood):
     support = constraints.boolean
 
     def forward(self, logits: torch.Tensor) -> Distribution:
-        base = Bernoulli(logits=logits, validate_args=False)
-        return IndependentBernoulli(base, len(self.data_shape), validate_args=False)
+        return self._independent(Bernoulli(logits=logits, validate_args=False), IndependentBernoulli)
 
 
 class StableContinuousBernoulli(ContinuousBernoulli):
