@@ -462,6 +462,29 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
     assert got["elbo"] == pytest.approx(expected["elbo"], rel=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a GPU matter")
+def test_compiled_step_synchronises_the_host_once_on_cuda(tmp_path):
+    # The step's one synchronisation is its finiteness check; the schedule's values and Adam's step factors go to the
+    # device without one (a plain torch.tensor(..., device="cuda") copy would wait for the stream each step).
+    import warnings
+
+    config = small_config(max_steps=20, device="cuda", compile=True, schedule="linear", schedule_options={"steps": 20})
+    trainer = Trainer(config, TRAIN, VALID, tmp_path)
+    for _ in range(3):  # eager, then compiling
+        trainer.train_step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(5):
+                trainer.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert trainer._whole_step is not None
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 5, syncs
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

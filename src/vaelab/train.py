@@ -444,7 +444,7 @@ class Trainer:
         bits = random_bits(x.shape, device=x.device) if self.config.binarizes else None
         sched = self.schedule.objective_kwargs(step)
         if self._schedule_as_tensors:
-            sched = {name: torch.tensor(value, device=self.device) for name, value in sched.items()}
+            sched = {name: _host_scalar(value, self.device) for name, value in sched.items()}
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -705,7 +705,7 @@ class _WholeStep:
         # (computed in the graph, two pow calls were repeated for every 16 values: 1.5x the update's time)
         count = self._count + 1
         factors = [lr / (1 - self.beta1**count), (1 - self.beta2**count) ** -0.5, count]
-        stats, finite, bad = self.compiled(weights, *moments, torch.tensor(factors, device=x.device), x, sched, bits)
+        stats, finite, bad = self.compiled(weights, *moments, _host_scalar(factors, x.device), x, sched, bits)
         finite = bool(finite)
         self._count += finite
         return stats, finite, bad
@@ -758,6 +758,15 @@ def _adam(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError):  # fused not supported for this device or dtype
         return torch.optim.Adam(params, lr=lr)
+
+
+def _host_scalar(value, device: torch.device) -> torch.Tensor:
+    """A number (or list of numbers) from the host as a tensor on ``device``, without a host synchronisation: on a
+    GPU ``torch.tensor(value, device=...)`` copies from pageable memory and waits for the stream (a copy that is not
+    ``non_blocking`` synchronises), so the value goes through pinned memory, asynchronously."""
+    if device.type != "cuda":
+        return torch.tensor(value, device=device)
+    return torch.tensor(value, pin_memory=True).to(device, non_blocking=True)
 
 
 def _grads_finite(model: nn.Module) -> torch.Tensor:
