@@ -66,6 +66,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def without_timings(line: dict) -> dict:
+    """A metric line without its wall-clock fields, which differ from run to run."""
+    return {k: v for k, v in line.items() if k not in ("samples_per_sec", "seconds")}
+
+
 def lines(run_dir: Path, split: str) -> list[dict]:
     return [line for line in read_metrics(run_dir) if line["split"] == split]
 
@@ -108,7 +113,7 @@ def test_small_run_learns_and_writes_everything(tmp_path):
     assert [line["step"] for line in valid] == list(range(20, 161, 20))
     assert valid[-1]["elbo"] > valid[0]["elbo"] + 5, (valid[0]["elbo"], valid[-1]["elbo"])
     for line in valid:
-        assert {"split", "step", "epoch", "elbo", "iwae_10", "examples"} <= line.keys()
+        assert {"split", "step", "epoch", "elbo", "iwae_10", "examples", "seconds"} <= line.keys()
         assert line["examples"] == 200 and math.isfinite(line["iwae_10"])
         assert line["iwae_10"] >= line["elbo"] - 1.0  # IWAE_10 is the tighter bound (up to Monte Carlo noise)
 
@@ -164,10 +169,26 @@ def test_metrics_after_resume_have_no_duplicated_steps(tmp_path):
     resumed = read_metrics(tmp_path)
     keys = [(line["split"], line["step"]) for line in resumed]
     assert len(keys) == len(set(keys))
-    drop = "samples_per_sec"
-    assert [{k: v for k, v in line.items() if k != drop} for line in resumed] == [
-        {k: v for k, v in line.items() if k != drop} for line in reference
-    ]
+    assert [without_timings(line) for line in resumed] == [without_timings(line) for line in reference]
+
+
+def test_training_throughput_excludes_validation_time(tmp_path, monkeypatch):
+    # samples_per_sec is the training steps' rate: an interval that contains a validation pass (here made to take
+    # at least a second) must not count that pass, which is logged with its own seconds
+    import vaelab.train
+
+    slow = 1.0  # seconds per validation pass, at least: 4 batches of 50 examples, 1/4 s each
+    log_marginal = vaelab.train.log_marginal
+
+    def slow_log_marginal(*args, **kwargs):
+        time.sleep(slow / 4)
+        return log_marginal(*args, **kwargs)
+
+    monkeypatch.setattr(vaelab.train, "log_marginal", slow_log_marginal)
+    train(small_config(max_steps=30, eval_every=10, log_every=5), TRAIN, VALID, tmp_path)
+    assert [line["seconds"] >= slow for line in lines(tmp_path, "valid")] == [True] * 3
+    intervals = [5 * 50 / line["samples_per_sec"] for line in lines(tmp_path, "train")]
+    assert len(intervals) == 6 and max(intervals) < slow / 2, intervals
 
 
 # --- interrupted runs in a child process ------------------------------------------------------------------------------
@@ -273,9 +294,7 @@ def test_sigkill_then_resume_is_bit_identical(driver, reference_run, tmp_path):
     assert len(keys) == len(set(keys)), "duplicated metric lines after resume"
     assert keys == [(line["split"], line["step"]) for line in reference]
     for a, b in zip(resumed, reference, strict=True):
-        assert {k: v for k, v in a.items() if k != "samples_per_sec"} == {
-            k: v for k, v in b.items() if k != "samples_per_sec"
-        }
+        assert without_timings(a) == without_timings(b)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -498,7 +498,9 @@ class Trainer:
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self, data: torch.Tensor | None = None, *, split: str = "valid") -> dict[str, Any]:
-        """Validation ELBO (the config's form, 1 sample) and IWAE_k bound (k = eval_k), nats per example."""
+        """Validation ELBO (the config's form, 1 sample) and IWAE_k bound (k = eval_k), nats per example, and the
+        seconds the pass took (``eval_k`` x ``eval_examples`` decoder passes: ~25 % of an epoch of compiled
+        iwae-1layer MNIST training with the defaults; fewer with a smaller ``eval_k`` or a larger ``eval_every``)."""
         data = self.valid_data if data is None else data
         if data is None:
             return {}
@@ -507,6 +509,7 @@ class Trainer:
         if self.config.binarizes:  # one fixed binarization of the evaluation set, the same at every evaluation
             data = binarize_fixed(data, seed=self.config.seed + 7919)
         elbos, iwaes = [], []
+        start = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), trusted_data():  # RNG of training untouched
             torch.manual_seed(self.config.seed + self.step)
@@ -525,6 +528,7 @@ class Trainer:
             f"iwae_{self.config.eval_k}": torch.cat(iwaes).mean().item(),
             "examples": int(data.shape[0]),
         }
+        result["seconds"] = time.perf_counter() - start  # after the .item() calls above: the work is done
         return result
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -577,6 +581,7 @@ class Trainer:
                         sps=f"{line['samples_per_sec']:.0f}",
                     )
                     sums, count, tick = {}, 0, time.perf_counter()
+                paused = time.perf_counter()
                 if self.rank == 0 and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                     result = self.evaluate()
                     if result:
@@ -588,6 +593,7 @@ class Trainer:
                             self.save("best")
                 if self.rank == 0 and (self.step % self.checkpoint_every == 0 or self.step == self.total_steps):
                     self.save()
+                tick += time.perf_counter() - paused  # samples_per_sec is training's: validation and saving excluded
             if self._stop is not None:
                 if self.rank == 0:
                     self.save()
