@@ -499,8 +499,9 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self, data: torch.Tensor | None = None, *, split: str = "valid") -> dict[str, Any]:
         """Validation ELBO (the config's form, 1 sample) and IWAE_k bound (k = eval_k), nats per example, and the
-        seconds the pass took (``eval_k`` x ``eval_examples`` decoder passes: ~25 % of an epoch of compiled
-        iwae-1layer MNIST training with the defaults; fewer with a smaller ``eval_k`` or a larger ``eval_every``)."""
+        seconds the pass took (``eval_k`` x ``eval_examples`` decoder passes: with the defaults ~25 % of the time of
+        an epoch of compiled iwae-1layer MNIST training; cheaper with smaller ``eval_k`` / ``eval_examples``, and
+        rarer with a larger ``eval_every``)."""
         data = self.valid_data if data is None else data
         if data is None:
             return {}
