@@ -521,16 +521,15 @@ class Trainer:
                 iwae = log_marginal(self.model, batch, k=self.config.eval_k, compile=self._compiled_once)
                 iwaes.append(iwae.value)
             self.model.train()
-        result = {
+        return {
             "split": split,
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
             "elbo": torch.cat(elbos).mean().item(),
             f"iwae_{self.config.eval_k}": torch.cat(iwaes).mean().item(),
             "examples": int(data.shape[0]),
+            "seconds": time.perf_counter() - start,  # after the .item() calls above: the work is done, also on a GPU
         }
-        result["seconds"] = time.perf_counter() - start  # after the .item() calls above: the work is done
-        return result
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
