@@ -98,13 +98,13 @@ def _add_train(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named starting config (default: none)")
     p.add_argument("--out", metavar="RUN_DIR", default="runs/vae", help="run directory (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    from vaelab.config import AUTO_COMPILE_SAMPLES, HIERARCHICAL, LR_DECAYS
     from vaelab.estimators import ELBO_FORMS
     from vaelab.likelihoods import LIKELIHOODS
     from vaelab.nets import ARCHITECTURES
     from vaelab.objectives import OBJECTIVES
     from vaelab.priors import PRIORS
     from vaelab.schedules import SCHEDULES
-    from vaelab.train import AUTO_COMPILE_SAMPLES, HIERARCHICAL, LR_DECAYS
 
     none_means = {  # what a boolean field's default of None stands for
         "binarize": "binarize iff the likelihood is Bernoulli",

@@ -3,7 +3,7 @@
 The loop, per step: draw the batch (a fixed permutation per epoch, so the data order is a pure function of seed and
 step), binarize it on the device if asked, evaluate the per-example objective, reduce once (mean), backward, clip,
 Adam step. Compiled (``compile=True``, the default for long runs), that whole step is one ``torch.compile``d graph
-with the same arithmetic (:class:`_WholeStep`). Around it: the KL schedule and learning rate as pure functions of
+with the same arithmetic (:class:`WholeStep`). Around it: the KL schedule and learning rate as pure functions of
 the step, metrics to JSONL and TensorBoard, evaluation on a validation set, atomic checkpoints
 (:mod:`vaelab.checkpoint`), exact resume, a clean stop on Ctrl-C / SIGTERM, and a stop naming the term and step when
 anything turns non-finite.
@@ -22,19 +22,16 @@ statistically, not bitwise, the same as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,190 +48,43 @@ from vaelab.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from vaelab.config import AUTO_COMPILE_SAMPLES, LR_DECAYS, PRESETS, TrainConfig, build_model, resolve_device
 from vaelab.data import binarize_fixed, binarize_with_bits, random_bits
+from vaelab.distributed import all_ranks, average_gradients, init_distributed, mean_over_ranks
 from vaelab.estimators import check_values, elbo_parts, log_marginal, trusted_data
 from vaelab.hierarchical import HierarchicalVAE
-from vaelab.likelihoods import LIKELIHOODS
-from vaelab.models import VAE
-from vaelab.nets import _BIAS_FROM_MEAN, ARCHITECTURES, init_decoder_bias
+from vaelab.nets import _BIAS_FROM_MEAN, init_decoder_bias
 from vaelab.objectives import OBJECTIVES, ObjectiveOutput
-from vaelab.priors import PRIORS
-from vaelab.schedules import SCHEDULES, Constant, make_schedule
+from vaelab.runs import Run, latest_checkpoint, load_run, truncate_metrics
+from vaelab.schedules import Constant, make_schedule
+from vaelab.steps import WholeStep, adam, grads_finite, host_scalar
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a run. Saved as JSON in the run directory and inside every checkpoint."""
-
-    # data (read by the command line and load_run; the Trainer itself is handed tensors)
-    dataset: str = "auto"  # a name in vaelab.data.DATASETS, a path (.npz/.npy/image folder), or "auto":
-    # MNIST wherever a copy is found, else Fashion-MNIST (which Debian's dataset-fashion-mnist provides offline)
-    data_dir: str | None = None  # where to look first (else VAELAB_DATA_DIR, the cache, system copies)
-    validation_size: int = 10000  # examples carved from train (fixed seed) for validation
-    max_examples: int | None = None  # truncate every split (quick runs)
-    # model
-    architecture: str = "mlp"  # key of vaelab.nets.ARCHITECTURES
-    architecture_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden": [512, 256]}
-    latent_dim: int = 32
-    prior: str = "standard-normal"  # key of vaelab.priors.PRIORS
-    likelihood: str = "bernoulli"  # key of vaelab.likelihoods.LIKELIHOODS
-    likelihood_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"scale": 0.1}
-    init_decoder_bias: bool = True  # start the decoder's output bias at the training-set pixel means
-    # objective
-    objective: str = "elbo"  # key of vaelab.objectives.OBJECTIVES
-    k: int = 1  # samples per example in the objective
-    form: str = "kl"  # ELBO form, for the objectives that take one
-    objective_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"free_nats": 0.5}
-    schedule: str = "constant"  # key of vaelab.schedules.SCHEDULES (beta or capacity)
-    schedule_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"steps": 10000, "start": 4.0}
-    # optimization
-    batch_size: int = 100
-    epochs: int = 10
-    max_steps: int | None = None  # stop after this many steps (overrides epochs when smaller)
-    lr: float = 1e-3
-    lr_decay: str = "none"  # "none" or "cosine" (to 0 at the last step)
-    grad_clip: float | None = None  # max global gradient norm; None: no clipping
-    binarize: bool | None = None  # dynamic binarization (a fresh Bernoulli draw of every batch); None: iff Bernoulli
-    # evaluation and bookkeeping
-    seed: int = 0
-    log_every: int = 50  # steps between train metric lines
-    eval_every: int | None = None  # steps between validation passes; None: once per epoch
-    eval_k: int = 100  # importance samples for the validation IWAE bound
-    eval_examples: int | None = 1000  # validation examples evaluated each time (None: all)
-    checkpoint_every: int | None = None  # steps between checkpoints; None: once per epoch
-    keep_last: int = 3  # step checkpoints kept (plus 'best')
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    bf16: bool = False  # bfloat16 autocast of the training steps (CUDA, or CPUs with AVX-512 BF16 / AMX); evaluation
-    # and the validation passes stay in float32
-    compile: bool | None = None  # torch.compile the whole step (gradients and Adam update in one graph; under
-    # torchrun the objective): 1.3-1.6x the steps/s of a hand-written loop on this project's CPUs for a one-off
-    # compilation of 5-60 s; bf16 on top: 0.9-1.5x more, by CPU and batch size (docs/performance.md). None: compile
-    # when the run trains on >= AUTO_COMPILE_SAMPLES examples (e.g. 100 MNIST epochs), where it repays itself
-    progress: bool = True  # tqdm progress bar
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        for name, registry in (
-            ("architecture", {**ARCHITECTURES, **HIERARCHICAL}),
-            ("prior", PRIORS),
-            ("likelihood", LIKELIHOODS),
-            ("objective", OBJECTIVES),
-            ("schedule", SCHEDULES),
-        ):
-            if getattr(self, name) not in registry:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(registry)}")
-        for name in ("latent_dim", "k", "batch_size", "log_every", "eval_k", "keep_last"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("epochs",):
-            if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if (
-            isinstance(self.validation_size, bool)
-            or not isinstance(self.validation_size, int)
-            or self.validation_size < 0
-        ):
-            raise ValueError(f"validation_size must be an integer >= 0, got {self.validation_size!r}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_examples", "max_examples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}")
-        if self.compile is not None and not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true, false or None (automatic), got {self.compile!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-
-    @property
-    def binarizes(self) -> bool:
-        """Whether batches are binarized: as set, or by default exactly when the likelihood is Bernoulli."""
-        return self.likelihood == "bernoulli" if self.binarize is None else self.binarize
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
-        return cls(**data)
+def _output_net(model: nn.Module) -> nn.Module:
+    """The network whose last layer produces the likelihood's parameters."""
+    return model.nets["p_x_z1"] if isinstance(model, HierarchicalVAE) else model.decoder
 
 
-# compile=None compiles runs on at least this many training examples (steps x batch size): a compilation costs ~5-20 s
-# here and saves ~13 us per example at batch 100 (30k -> 50k examples/s), so it repays itself from ~1.5M examples;
-# at 5M (100 epochs of MNIST's 50k) it saves a minute or more (docs/performance.md)
-AUTO_COMPILE_SAMPLES = 5_000_000
-
-LR_DECAYS = {
-    "none": lambda step, total: 1.0,
-    "cosine": lambda step, total: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1))),
-}
-
-
-# --- building a model from a config --------------------------------------------------------------------------------
-# Architectures that are whole models rather than (encoder, decoder) pairs: name -> builder(config, data_shape).
-HIERARCHICAL = {
-    "iwae-2layer": lambda config, data_shape: HierarchicalVAE.iwae_2layer(tuple(data_shape), config.likelihood),
-}
-
-
-def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:
-    """The model a config describes, for data of shape ``data_shape`` (weights freshly initialised)."""
-    if config.architecture in HIERARCHICAL:
-        return HIERARCHICAL[config.architecture](config, data_shape)
-    encoder, decoder = ARCHITECTURES[config.architecture](
-        tuple(data_shape), config.latent_dim, **config.architecture_options
-    )
-    return VAE(
-        prior=PRIORS[config.prior](config.latent_dim),
-        encoder=encoder,
-        decoder=decoder,
-        likelihood=LIKELIHOODS[config.likelihood](tuple(data_shape), **config.likelihood_options),
-    )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
+# The training API in one import (the config, presets and run loading live in vaelab.config and vaelab.runs)
+__all__ = [
+    "AUTO_COMPILE_SAMPLES",
+    "PRESETS",
+    "Run",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "build_model",
+    "latest_checkpoint",
+    "load_run",
+    "resolve_device",
+    "train",
+]
 
 
 # --- errors and results ----------------------------------------------------------------------------------------------
 class TrainingDiverged(RuntimeError):
     """A non-finite value appeared; the message names the term and the step. Checkpoints already written are intact."""
-
-
-# Named starting points for a config (the command line's --preset); fields not named keep their defaults.
-PRESETS: dict[str, dict[str, Any]] = {
-    "mlp": {"architecture": "mlp", "latent_dim": 32, "binarize": True},
-    "iwae-1layer": {
-        "architecture": "iwae-1layer",
-        "latent_dim": 50,
-        "likelihood": "bernoulli",
-        "binarize": True,
-        "validation_size": 0,
-        "batch_size": 100,
-    },
-    "iwae-2layer": {
-        "architecture": "iwae-2layer",
-        "latent_dim": 50,
-        "likelihood": "bernoulli",
-        "binarize": True,
-        "validation_size": 0,
-        "batch_size": 100,
-    },
-    "conv": {"architecture": "conv", "latent_dim": 32, "binarize": True, "architecture_options": {"base_channels": 32}},
-}
 
 
 @dataclass
@@ -282,7 +132,7 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         self._owns_group = not (dist.is_available() and dist.is_initialized())  # else the caller's group: left alone
-        self.rank, self.world = _init_distributed(self.device)
+        self.rank, self.world = init_distributed(self.device)
         if config.batch_size % self.world:
             raise ValueError(
                 f"batch_size {config.batch_size} must be divisible by the number of processes {self.world}"
@@ -316,21 +166,21 @@ class Trainer:
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical start on every rank
             torch.manual_seed(config.seed + 1_000_003 * self.rank)  # but independent noise per rank
-        self.optimizer = _adam(self.model.parameters(), config.lr)
+        self.optimizer = adam(self.model.parameters(), config.lr)
         self.objective = OBJECTIVES[config.objective]
         self.objective_options = dict(config.objective_options)
         if "form" in inspect.signature(self.objective).parameters:
             self.objective_options.setdefault("form", config.form)
         self.schedule = make_schedule(config.schedule, **config.schedule_options)
         _check_objective_arguments(config, self.objective, self.objective_options, self.schedule.objective_kwargs(0))
-        # Compiled: in one process the whole step is one graph (_WholeStep: gradients and the Adam update); under
+        # Compiled: in one process the whole step is one graph (WholeStep: gradients and the Adam update); under
         # torchrun, where gradients are averaged between the two, the objective is (forward and backward fused).
         # A schedule's changing values go in as 0-d tensors so that they do not trigger a recompilation each.
         self.compiles = compiles = (
             config.compile if config.compile is not None else self.total_steps * self.batch_size >= AUTO_COMPILE_SAMPLES
         )
         self._forward = torch.compile(self._objective, dynamic=False) if compiles else self._objective
-        self._whole_step = _WholeStep(self) if compiles and self.world == 1 else None
+        self._whole_step = WholeStep(self) if compiles and self.world == 1 else None
         self._schedule_as_tensors = compiles and not isinstance(self.schedule, Constant)
         self._steps_taken = 0  # by this Trainer (the first runs eagerly: see _run_objective)
         self._compiled_once = False
@@ -352,7 +202,7 @@ class Trainer:
         self.step = meta["step"]
         self.best_elbo = meta.get("best_elbo", -math.inf)
         self.last_eval = meta.get("last_eval")
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
 
     def _meta(self) -> dict[str, Any]:
@@ -444,7 +294,7 @@ class Trainer:
         bits = random_bits(x.shape, device=x.device) if self.config.binarizes else None
         sched = self.schedule.objective_kwargs(step)
         if self._schedule_as_tensors:
-            sched = {name: _host_scalar(value, self.device) for name, value in sched.items()}
+            sched = {name: host_scalar(value, self.device) for name, value in sched.items()}
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -475,15 +325,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # harmless if the loss is not finite: nothing is applied before the check below
         if self.world > 1:
-            _average_gradients(self.model, self.world)
+            average_gradients(self.model, self.world)
         if self.config.grad_clip is not None:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         else:
             norm = None
         # The step's one host synchronisation: loss and gradients checked together; the culprit is named on failure.
-        finite = torch.isfinite(loss) & _grads_finite(self.model)
-        if not _all_ranks(bool(finite), self.world, self.device):
-            if not _all_ranks(bool(torch.isfinite(loss)), self.world, self.device):
+        finite = torch.isfinite(loss) & grads_finite(self.model)
+        if not all_ranks(bool(finite), self.world, self.device):
+            if not all_ranks(bool(torch.isfinite(loss)), self.world, self.device):
                 raise _diverged(step, out, loss, [])
             bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
             raise _diverged(step, out, loss, bad)
@@ -553,14 +403,14 @@ class Trainer:
                     sums[key] = sums.get(key, 0) + value
                 count += 1
                 bar.update(1)
-                if self.world > 1 and not _all_ranks(self._stop is None, self.world, self.device):
+                if self.world > 1 and not all_ranks(self._stop is None, self.world, self.device):
                     self._stop = self._stop or "a signal on another rank"
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     line = dict(
                         zip(
                             sums,
-                            _mean_over_ranks([v / count for v in sums.values()], self.world, self.device),
+                            mean_over_ranks([v / count for v in sums.values()], self.world, self.device),
                             strict=True,
                         )
                     )
@@ -668,165 +518,6 @@ class Trainer:
         return self._tb or None
 
 
-class _WholeStep:
-    """A training step as one compiled function, for ``compile=True`` in a single process: the objective's gradients
-    by ``torch.func.grad_and_value`` (forward and backward traced once into one graph, so no autograd engine runs
-    per step), gradient clipping, and the Adam update written out (torch.optim.Adam's formula) on the optimizer's
-    own state tensors, so checkpoints and resume are those of the eager step. The update is applied only where the
-    loss and every gradient are finite (``torch.where`` in the graph): a step that fails the host's check leaves
-    parameters and optimizer state as they were, as the eager step does. On this project's CPU it took training at
-    batch 100 from 1.15x to ~1.6x a hand-written loop's samples/s (the compiled objective with eager backward and
-    fused Adam before; docs/performance.md).
-
-    Called as ``step(x, sched, bits, lr)``; returns (stats, finite, bad): the step's batch means (loss, elbo, recon,
-    kl, grad_norm as the eager step reports them), whether the update was applied (a bool: the step's one host
-    synchronisation), and per parameter whether its gradient had a non-finite value.
-    """
-
-    def __init__(self, trainer: Trainer):
-        named = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
-        self.names = [name for name, _ in named]
-        self.params = [p for _, p in named]
-        self.trainer = trainer
-        self.module = _ObjectiveModule(trainer)  # its parameters are the model's, named "model.<name>"
-        (group,) = trainer.optimizer.param_groups
-        if group["weight_decay"] or group["amsgrad"] or group["maximize"]:
-            raise ValueError("the compiled step implements plain Adam only")
-        # constants of the graph, read once (the graph would otherwise guard on the param group's changing lr)
-        (self.beta1, self.beta2), self.eps = group["betas"], group["eps"]
-        self.bf16, self.grad_clip = trainer.config.bf16, trainer.config.grad_clip
-        self.compiled = torch.compile(self._step, dynamic=False)
-        self._counter: torch.Tensor | None = None  # the optimizer's step count, mirrored on the host as _count
-        self._count = 0.0
-
-    def __call__(self, x, sched, bits, lr: float):
-        state = [self.trainer.optimizer.state[p] for p in self.params]  # filled by the first (eager) step
-        weights = [p.detach() for p in self.params]  # the parameters' own storage: updated in place
-        for p in self.params:
-            p.grad = None  # gradients stay inside the graph; none left over from an eager step
-        moments = [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [s["step"] for s in state]
-        if moments[2][0] is not self._counter:  # the first call, or the optimizer's state was loaded anew
-            self._counter, self._count = moments[2][0], float(moments[2][0])
-        # Adam's step size and bias correction, in double precision on the host as torch.optim.Adam computes them
-        # (computed in the graph, two pow calls were repeated for every 16 values: 1.5x the update's time)
-        count = self._count + 1
-        factors = [lr / (1 - self.beta1**count), (1 - self.beta2**count) ** -0.5, count]
-        stats, finite, bad = self.compiled(weights, *moments, _host_scalar(factors, x.device), x, sched, bits)
-        finite = bool(finite)
-        self._count += finite
-        return stats, finite, bad
-
-    def _loss(self, weights, x, sched, bits):
-        named = {f"model.{name}": w for name, w in zip(self.names, weights, strict=True)}
-        out = ObjectiveOutput(*torch.func.functional_call(self.module, named, (x, sched, bits)))
-        means = {"elbo": out.elbo.mean()}
-        if out.recon is not None:
-            means["recon"], means["kl"] = out.recon.mean(), out.kl.mean()
-        return out.loss.mean(), means
-
-    def _step(self, weights, exp_avgs, exp_avg_sqs, steps, factors, x, sched, bits):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            grads, (loss, means) = torch.func.grad_and_value(self._loss, has_aux=True)(weights, x, sched, bits)
-        bad = torch.stack([~g.isfinite().all() for g in grads])
-        finite = loss.isfinite() & ~bad.any()
-        stats = {"loss": loss, **means}
-        if self.grad_clip is not None:  # as nn.utils.clip_grad_norm_
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            grads = [g * (self.grad_clip / (norm + 1e-6)).clamp(max=1.0) for g in grads]
-            stats["grad_norm"] = norm
-        beta1, beta2, eps = self.beta1, self.beta2, self.eps
-        step_size, inverse_bias2_sqrt, count = factors
-        for w, g, m, v, s in zip(weights, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
-            m_new = m.lerp(g, 1 - beta1)
-            v_new = v * beta2 + (1 - beta2) * g * g
-            w_new = w - step_size * m_new / (v_new.sqrt() * inverse_bias2_sqrt + eps)
-            for old, new in ((w, w_new), (m, m_new), (v, v_new), (s, count)):
-                old.copy_(torch.where(finite, new, old))
-        return stats, finite, bad
-
-
-class _ObjectiveModule(nn.Module):
-    """The Trainer's objective as a module's forward, for ``torch.func.functional_call``."""
-
-    def __init__(self, trainer: Trainer):
-        super().__init__()
-        self.model = trainer.model
-        self.objective = trainer._objective
-
-    def forward(self, x, sched, bits):
-        return self.objective(x, sched, bits)
-
-
-def _adam(params, lr: float) -> torch.optim.Optimizer:
-    """Adam with the fused kernel (one kernel per parameter instead of a dozen small ops) where torch has it."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError):  # fused not supported for this device or dtype
-        return torch.optim.Adam(params, lr=lr)
-
-
-def _host_scalar(value, device: torch.device) -> torch.Tensor:
-    """A number (or list of numbers) from the host as a tensor on ``device``, without a host synchronisation: on a
-    GPU ``torch.tensor(value, device=...)`` copies from pageable memory and waits for the stream (a copy that is not
-    ``non_blocking`` synchronises), so the value goes through pinned memory, asynchronously."""
-    if device.type != "cuda":
-        return torch.tensor(value, device=device)
-    return torch.tensor(value, pin_memory=True).to(device, non_blocking=True)
-
-
-def _grads_finite(model: nn.Module) -> torch.Tensor:
-    """Whether every gradient is finite, as a 0-d bool tensor (no host synchronisation)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.tensor(True)
-    return torch.stack(torch._foreach_norm(grads)).isfinite().all()
-
-
-def _output_net(model: nn.Module) -> nn.Module:
-    """The network whose last layer produces the likelihood's parameters."""
-    return model.nets["p_x_z1"] if isinstance(model, HierarchicalVAE) else model.decoder
-
-
-# --- distributed helpers (no-ops in a single process) ------------------------------------------------------------
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): joins the process group torchrun describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _average_gradients(model: nn.Module, world: int) -> None:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _all_ranks(flag: bool, world: int, device: torch.device) -> bool:
-    """True only if ``flag`` holds on every rank (so all ranks take the same branch)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)  # nccl reduces device tensors only
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _mean_over_ranks(values: list[torch.Tensor], world: int, device: torch.device) -> list[float]:
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
-    if world > 1:
-        dist.all_reduce(stacked)
-        stacked = stacked / world
-    return stacked.tolist()
-
-
 def _check_objective_arguments(config: TrainConfig, objective, options: dict, from_schedule: dict) -> None:
     """Refuse, before the first step, keyword arguments the objective would refuse at it: missing, unknown, or set
     both by ``objective_options`` and by the schedule."""
@@ -866,26 +557,6 @@ def _non_finite_term(out) -> str:
     if not bool(torch.isfinite(out.elbo).all()):
         return "the log-weights log p(x,z) - log q(z|x)"
     return "the loss"
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete step checkpoint of a run directory (from latest.json, else the highest step)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    pointer = ckpt_dir / "latest.json"
-    if pointer.is_file():
-        candidate = ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
-        if candidate.is_dir():
-            return candidate
-    steps = sorted(p for p in ckpt_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
-    return steps[-1] if steps else None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after ``step`` by a run that died before its next checkpoint."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _install_signal_handlers(handler):
@@ -932,73 +603,3 @@ def train(
 ) -> TrainResult:
     """Train a VAE as ``config`` says; see :class:`Trainer`."""
     return Trainer(config, train_data, valid_data, run_dir, resume=resume).fit()
-
-
-# --- a finished (or interrupted) run, rebuilt from its directory alone ----------------------------------------------
-@dataclass
-class Run:
-    """A run directory loaded back: the config, the model with its weights, and the metrics written so far."""
-
-    run_dir: Path
-    config: TrainConfig
-    model: nn.Module
-    metrics: list[dict[str, Any]]
-    weights: Path  # the file the weights came from
-    step: int | None  # the checkpoint's step (None for the final weights)
-
-
-def load_run(run_dir: str | Path, *, which: str = "final", device: str | torch.device = "cpu") -> Run:
-    """Rebuild a run's model from its directory: config.json + weights (safetensors; nothing is unpickled).
-
-    Args:
-        which: "final" (model.safetensors, written when training ends; falls back to the latest checkpoint),
-            "best" (the checkpoint with the best validation ELBO) or "latest" (the newest step checkpoint).
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is not a directory")
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a vaelab run directory: config.json is missing")
-    try:
-        config = TrainConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise CheckpointError(f"{config_path} is not a valid vaelab config: {err}") from err
-    step = None
-    if which == "final" and (run_dir / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        weights_path = run_dir / "model.safetensors"
-        try:
-            weights = load_file(weights_path)
-        except Exception as err:  # safetensors raises its own error types on a damaged file
-            raise CheckpointError(f"cannot read {weights_path}: {err}") from err
-        data_shape = _data_shape_from_checkpoints(run_dir)
-    else:
-        directory = run_dir / "checkpoints" / "best" if which == "best" else latest_checkpoint(run_dir)
-        if which not in ("final", "best", "latest"):
-            raise ValueError(f"which must be 'final', 'best' or 'latest', got {which!r}")
-        if directory is None or not directory.is_dir():
-            raise CheckpointError(f"{run_dir} has no {which} checkpoint")
-        weights, _, meta = load_checkpoint(directory)
-        weights_path, step, data_shape = directory / "model.safetensors", meta["step"], meta["data_shape"]
-    model = build_model(config, data_shape)
-    model.load_state_dict(weights)
-    model.to(device).eval()
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics = (
-        [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        if metrics_path.is_file()
-        else []
-    )
-    return Run(run_dir=run_dir, config=config, model=model, metrics=metrics, weights=weights_path, step=step)
-
-
-def _data_shape_from_checkpoints(run_dir: Path) -> list[int]:
-    shape_file = run_dir / "data_shape.json"
-    if shape_file.is_file():
-        return json.loads(shape_file.read_text())
-    directory = latest_checkpoint(run_dir)
-    if directory is None:
-        raise CheckpointError(f"{run_dir}: cannot tell the data shape (no data_shape.json, no checkpoint)")
-    return load_checkpoint(directory)[2]["data_shape"]

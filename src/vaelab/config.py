@@ -1,0 +1,191 @@
+"""A run's configuration: :class:`TrainConfig` (saved with every checkpoint), the presets, and the model it builds."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vaelab.hierarchical import HierarchicalVAE
+from vaelab.likelihoods import LIKELIHOODS
+from vaelab.models import VAE
+from vaelab.nets import ARCHITECTURES
+from vaelab.objectives import OBJECTIVES
+from vaelab.priors import PRIORS
+from vaelab.schedules import SCHEDULES
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Saved as JSON in the run directory and inside every checkpoint."""
+
+    # data (read by the command line and load_run; the Trainer itself is handed tensors)
+    dataset: str = "auto"  # a name in vaelab.data.DATASETS, a path (.npz/.npy/image folder), or "auto":
+    # MNIST wherever a copy is found, else Fashion-MNIST (which Debian's dataset-fashion-mnist provides offline)
+    data_dir: str | None = None  # where to look first (else VAELAB_DATA_DIR, the cache, system copies)
+    validation_size: int = 10000  # examples carved from train (fixed seed) for validation
+    max_examples: int | None = None  # truncate every split (quick runs)
+    # model
+    architecture: str = "mlp"  # key of vaelab.nets.ARCHITECTURES
+    architecture_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden": [512, 256]}
+    latent_dim: int = 32
+    prior: str = "standard-normal"  # key of vaelab.priors.PRIORS
+    likelihood: str = "bernoulli"  # key of vaelab.likelihoods.LIKELIHOODS
+    likelihood_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"scale": 0.1}
+    init_decoder_bias: bool = True  # start the decoder's output bias at the training-set pixel means
+    # objective
+    objective: str = "elbo"  # key of vaelab.objectives.OBJECTIVES
+    k: int = 1  # samples per example in the objective
+    form: str = "kl"  # ELBO form, for the objectives that take one
+    objective_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"free_nats": 0.5}
+    schedule: str = "constant"  # key of vaelab.schedules.SCHEDULES (beta or capacity)
+    schedule_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"steps": 10000, "start": 4.0}
+    # optimization
+    batch_size: int = 100
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many steps (overrides epochs when smaller)
+    lr: float = 1e-3
+    lr_decay: str = "none"  # "none" or "cosine" (to 0 at the last step)
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    binarize: bool | None = None  # dynamic binarization (a fresh Bernoulli draw of every batch); None: iff Bernoulli
+    # evaluation and bookkeeping
+    seed: int = 0
+    log_every: int = 50  # steps between train metric lines
+    eval_every: int | None = None  # steps between validation passes; None: once per epoch
+    eval_k: int = 100  # importance samples for the validation IWAE bound
+    eval_examples: int | None = 1000  # validation examples evaluated each time (None: all)
+    checkpoint_every: int | None = None  # steps between checkpoints; None: once per epoch
+    keep_last: int = 3  # step checkpoints kept (plus 'best')
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    bf16: bool = False  # bfloat16 autocast of the training steps (CUDA, or CPUs with AVX-512 BF16 / AMX); evaluation
+    # and the validation passes stay in float32
+    compile: bool | None = None  # torch.compile the whole step (gradients and Adam update in one graph; under
+    # torchrun the objective): 1.3-1.6x the steps/s of a hand-written loop on this project's CPUs for a one-off
+    # compilation of 5-60 s; bf16 on top: 0.9-1.5x more, by CPU and batch size (docs/performance.md). None: compile
+    # when the run trains on >= AUTO_COMPILE_SAMPLES examples (e.g. 100 MNIST epochs), where it repays itself
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name, registry in (
+            ("architecture", {**ARCHITECTURES, **HIERARCHICAL}),
+            ("prior", PRIORS),
+            ("likelihood", LIKELIHOODS),
+            ("objective", OBJECTIVES),
+            ("schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in registry:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(registry)}")
+        for name in ("latent_dim", "k", "batch_size", "log_every", "eval_k", "keep_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("epochs",):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if (
+            isinstance(self.validation_size, bool)
+            or not isinstance(self.validation_size, int)
+            or self.validation_size < 0
+        ):
+            raise ValueError(f"validation_size must be an integer >= 0, got {self.validation_size!r}")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_examples", "max_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true, false or None (automatic), got {self.compile!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+
+    @property
+    def binarizes(self) -> bool:
+        """Whether batches are binarized: as set, or by default exactly when the likelihood is Bernoulli."""
+        return self.likelihood == "bernoulli" if self.binarize is None else self.binarize
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+# compile=None compiles runs on at least this many training examples (steps x batch size): a compilation costs ~5-20 s
+# here and saves ~13 us per example at batch 100 (30k -> 50k examples/s), so it repays itself from ~1.5M examples;
+# at 5M (100 epochs of MNIST's 50k) it saves a minute or more (docs/performance.md)
+AUTO_COMPILE_SAMPLES = 5_000_000
+
+LR_DECAYS = {
+    "none": lambda step, total: 1.0,
+    "cosine": lambda step, total: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1))),
+}
+
+
+# --- building a model from a config --------------------------------------------------------------------------------
+# Architectures that are whole models rather than (encoder, decoder) pairs: name -> builder(config, data_shape).
+HIERARCHICAL = {
+    "iwae-2layer": lambda config, data_shape: HierarchicalVAE.iwae_2layer(tuple(data_shape), config.likelihood),
+}
+
+
+def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:
+    """The model a config describes, for data of shape ``data_shape`` (weights freshly initialised)."""
+    if config.architecture in HIERARCHICAL:
+        return HIERARCHICAL[config.architecture](config, data_shape)
+    encoder, decoder = ARCHITECTURES[config.architecture](
+        tuple(data_shape), config.latent_dim, **config.architecture_options
+    )
+    return VAE(
+        prior=PRIORS[config.prior](config.latent_dim),
+        encoder=encoder,
+        decoder=decoder,
+        likelihood=LIKELIHOODS[config.likelihood](tuple(data_shape), **config.likelihood_options),
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+# Named starting points for a config (the command line's --preset); fields not named keep their defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mlp": {"architecture": "mlp", "latent_dim": 32, "binarize": True},
+    "iwae-1layer": {
+        "architecture": "iwae-1layer",
+        "latent_dim": 50,
+        "likelihood": "bernoulli",
+        "binarize": True,
+        "validation_size": 0,
+        "batch_size": 100,
+    },
+    "iwae-2layer": {
+        "architecture": "iwae-2layer",
+        "latent_dim": 50,
+        "likelihood": "bernoulli",
+        "binarize": True,
+        "validation_size": 0,
+        "batch_size": 100,
+    },
+    "conv": {"architecture": "conv", "latent_dim": 32, "binarize": True, "architecture_options": {"base_channels": 32}},
+}
