@@ -214,6 +214,8 @@ class EvenMixture(Distribution):
         return (second - means.mean(0).square()).clamp_min(0)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
         log_probs = torch.stack([c.log_prob(value) for c in self.components])  # (n, *S, *batch)
         return torch.logsumexp(log_probs, 0) - math.log(len(self.components))
 

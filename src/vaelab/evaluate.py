@@ -174,7 +174,8 @@ def _concat(estimates: Sequence[LogMarginal]) -> LogMarginal:
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
-    """A short human-readable table of :func:`evaluate_model`'s result."""
+    """A short human-readable table of :func:`evaluate_model`'s result (with the gap decomposition, when present, as
+    :func:`vaelab.report.as_json` writes :func:`vaelab.diagnostics.diagnostics`' result)."""
     lines = [f"{result['examples']} examples; nats per example (mean ± standard error over examples)"]
     for form, s in result["elbo"].items():
         lines.append(f"  ELBO ({form:<7} form, k={s['k']:>4}) {s['mean']:10.3f} ± {s['sem']:.3f}")
@@ -188,6 +189,13 @@ def format_evaluation(result: dict[str, Any]) -> str:
     )
     gap = result["posterior_gap"]
     lines.append(f"  posterior gap log p(x) - ELBO  {gap['mean']:10.3f} ± {gap['sem']:.3f}")
+    decomposed = result.get("gap_decomposition")
+    if isinstance(decomposed, dict):  # the decomposition runs on a subset, with its own log p-hat and ELBO
+        whole = decomposed["posterior_gap"]
+        lines.append(
+            f"    decomposed on the first {decomposed['examples']} examples: "
+            f"{whole['mean']:.3f} ± {whole['sem']:.3f} = approximation + amortization gap"
+        )
     for key, label in (("approximation_gap", "approximation"), ("amortization_gap", "amortization")):
         value = result.get(key)
         if isinstance(value, dict):

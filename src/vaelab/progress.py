@@ -7,6 +7,7 @@ at most every :data:`LOG_INTERVAL_S` seconds (and at the end), with ASCII charac
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, TextIO
 
@@ -47,7 +48,7 @@ def progress_bar(total: int, desc: str, unit: str, *, enabled: bool = True, init
         unit=unit,
         file=_Lines(stream),
         mininterval=LOG_INTERVAL_S,
-        maxinterval=LOG_INTERVAL_S,
+        maxinterval=math.inf,  # tqdm's monitor thread would force extra redraws: a second line right after one
         ascii=True,
         ncols=100,
     )

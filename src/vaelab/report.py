@@ -773,8 +773,9 @@ def write_report(run, diagnostics: dict, out: Path, *, pictures: dict[str, Path]
     Args:
         run: a :class:`vaelab.train.Run` (its ``config``, ``metrics``, ``run_dir``, ``weights`` and ``step`` are
             shown).
-        diagnostics: the dict of :func:`vaelab.evaluate.evaluate_model` or :func:`vaelab.evaluate.diagnostics`
-            (nats per example); missing sections say "not computed".
+        diagnostics: :func:`vaelab.evaluate.evaluate_model`'s dict or :func:`vaelab.diagnostics.diagnostics`'
+            result as :func:`as_json` writes it (nats per example); missing sections say "not computed", those
+            that do not apply to the model "not applicable: <reason>".
         out: the HTML file to write (its folder is created).
         pictures: ``{name: PNG path}``, e.g. from :func:`vaelab.plots.draw_pictures`; embedded as base64 data URIs.
     """
