@@ -105,7 +105,8 @@ def test_train_interrupt_resume_eval_sample(tmp_path):
     for key in ("approximation_gap", "amortization_gap", "iwae_curve", "estimator_study", "elbo_forms"):
         assert key in result, key  # the full diagnostics, unless --fast
     gaps = result["approximation_gap"]["mean"] + result["amortization_gap"]["mean"]
-    assert abs(gaps - result["posterior_gap"]["mean"]) < 1e-6
+    assert abs(gaps - result["gap_decomposition"]["posterior_gap"]["mean"]) < 1e-6  # the decomposition is exact
+    assert result["ppca_baseline"].startswith("not applicable: ")  # a Bernoulli model: a mass function on {0,1}^D
     fast = tmp_path / "fast.json"
     vaelab("eval", run, "--k", "50", "--examples", "10", "--fast", "--json", fast, "--no-progress", env=env, check=True)
     assert "approximation_gap" not in json.loads(fast.read_text())
@@ -262,6 +263,55 @@ def test_compare_shows_latent_usage_against_beta(tmp_path):
     assert [r["beta"] for r in rows] == [0.5, 4.0]  # sorted by the final KL weight
     for r in rows:
         assert r["latent_dim"] == 3 and len(r["kl_per_dim"]) == 3
+        assert r["ppca_baseline"].startswith("not applicable: ")  # binary bars, a Bernoulli model
         assert r["kl_total"] == pytest.approx(sum(r["kl_per_dim"]))
         assert math.isfinite(r["log_px"]["mean"]) and r["log_px"]["mean"] >= r["elbo"]["mean"] - 1.0
     assert "active" in proc.stdout and picture.is_file()
+
+
+def binary_784(n: int, seed: int = 0):
+    """``n`` binary 28x28 images ``[n, 1, 28, 28]``: noisy copies (5% of pixels flipped) of four random prototypes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prototypes = rng.random((4, 784)) < 0.3
+    x = prototypes[rng.integers(0, 4, n)] ^ (rng.random((n, 784)) < 0.05)
+    return x.astype("float32").reshape(n, 1, 28, 28)
+
+
+def test_eval_and_report_with_defaults_on_a_two_layer_run(tmp_path):
+    # q(z1, z2 | x) is a TwoLayerChain (no closed-form mean or variance): every diagnostic must still run, with the
+    # default settings apart from a small k, and progress written as plain lines to a non-terminal stderr
+    import numpy as np
+
+    x = binary_784(140)
+    data = tmp_path / "digits.npz"
+    np.savez(data, x=x[:100], x_test=x[100:])
+    run = tmp_path / "run"
+    vaelab("train", "--preset", "iwae-2layer", "--dataset", data, "--max-steps", "3", "--batch-size", "20",
+           "--out", run, "--no-progress", env=data_env(), check=True)  # fmt: skip
+    proc = vaelab("eval", run, "--k", "50", env=data_env(), check=True)
+    assert "\r" not in proc.stderr and "gap decomposition" in proc.stderr  # one bar per phase, plain lines
+    result = json.loads((run / "eval_test.json").read_text())
+    assert result["examples"] == 40 and result["diagnostics_examples"] == 40
+    decomposition = result["gap_decomposition"]
+    assert "samples" in decomposition["q_star_start"]  # q*'s start from samples of the TwoLayerChain
+    gaps = result["approximation_gap"]["mean"] + result["amortization_gap"]["mean"]
+    assert abs(gaps - decomposition["posterior_gap"]["mean"]) < 1e-6
+    assert result["iwae_curve"]["k"][-1] == 50 and result["estimator_study"]["ks"][-1] == 1000  # up to 20 k
+    assert result["ppca_baseline"].startswith("not applicable: the model's p(x|z) has support")
+    assert "approximation gap" in proc.stdout
+
+    proc = vaelab("report", run, "--k", "50", env=data_env(), check=True)
+    assert "report written to" in proc.stdout
+    diagnostics = json.loads((run / "diagnostics_test.json").read_text())
+    assert diagnostics["gap_decomposition"]["examples"] == 40 and isinstance(diagnostics["approximation_gap"], dict)
+    text = (run / "report.html").read_text()
+    assert "not applicable: the model&#x27;s p(x|z) has support" in text  # the baseline, shown, not a failure
+    assert (run / "pictures" / "gaps.png").is_file()
+
+
+def test_eval_help_states_the_cost():
+    proc = vaelab("eval", "--help", check=True)
+    assert "--diagnostics-examples N" in proc.stdout and "(default: 500)" in proc.stdout
+    assert "minutes" in proc.stdout

@@ -58,7 +58,7 @@ def expect_size(fig, path) -> None:
 
 
 def fake_diagnostics(n: int, *, layout: str) -> dict:
-    """Diagnostics in the layout of vaelab.evaluate.diagnostics ("rows") or the nested one ("nested")."""
+    """Diagnostics in the layout vaelab.report.as_json writes ("rows") or the nested one ("nested")."""
     g = torch.Generator().manual_seed(0)
     ks = [1, 10, 100, 1000]
     if layout == "rows":

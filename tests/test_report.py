@@ -15,8 +15,9 @@ import torch
 import vaelab.evaluate as evaluate
 from tiny import bars, tiny_run
 from vaelab.cli import main
+from vaelab.diagnostics import diagnostics
 from vaelab.plots import draw_pictures
-from vaelab.report import EXPLAIN, render_report, write_report
+from vaelab.report import EXPLAIN, as_json, render_report, write_report
 from vaelab.train import load_run
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,11 +31,8 @@ def train_tiny(run_dir: Path, dataset: str, *, latent_dim: int = 2, data_dir: st
 
 
 def run_diagnostics(model, x: torch.Tensor) -> dict:
-    """The full diagnostics where vaelab has them, else the standard evaluation (small k: a test, not a result)."""
-    diagnose = getattr(evaluate, "diagnostics", None)
-    if diagnose is not None:
-        return diagnose(model, x, k=100, slow=False, progress=False)
-    return evaluate.evaluate_model(model, x, k=100, progress=False)
+    """The full diagnostics as the command line writes them (small k: a test, not a result)."""
+    return as_json(diagnostics(model, x, k=100, slow=False, progress=False))
 
 
 @pytest.fixture(scope="module")

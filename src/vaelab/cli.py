@@ -265,15 +265,21 @@ def _eval_data(run, split: str, examples: int | None, seed: int):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vaelab.evaluate import diagnostics, evaluate_model, format_evaluation
+    from vaelab.diagnostics import diagnostics
+    from vaelab.evaluate import evaluate_model, format_evaluation
+    from vaelab.report import as_json
 
+    _check_at_least_one(args, "k", "examples", "diagnostics_examples", "batch_size")
     run = _load(args.run_dir)
     x = _eval_data(run, args.split, args.examples, args.seed)
     torch_seed(args.seed)
     progress = not args.no_progress
     options = dict(k=args.k, batch_size=args.batch_size, progress=progress, compile=args.compile)
-    result = evaluate_model(run.model, x, **options) if args.fast else diagnostics(run.model, x, **options)
-    _add_ppca_baseline(run, x, result)
+    if args.fast:
+        result = as_json(evaluate_model(run.model, x, **options))
+    else:
+        result = as_json(diagnostics(run.model, x, examples=args.diagnostics_examples, **options))
+    result.update(_baselines(run, x))
     result.update(run_dir=str(args.run_dir), split=args.split, weights=str(run.weights), seed=args.seed)
     print(f"{args.run_dir} on {run.config.dataset} {args.split}:")
     print(format_evaluation(result))
@@ -283,16 +289,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-CONTINUOUS_LIKELIHOODS = ("gaussian", "gaussian-learned")  # densities on R^D, comparable with pPCA's
+def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _add_ppca_baseline(run, x, result: dict) -> None:
-    """For models of continuous data: the exact test log p(x) of ML probabilistic PCA with the same latent size."""
-    from vaelab.evaluate import ppca_baseline
+def _baselines(run, x) -> dict:
+    """Every baseline of :data:`vaelab.baselines.BASELINES` for this run, as JSON: result or "not applicable: ..."."""
+    from vaelab.baselines import run_baselines
+    from vaelab.report import as_json
 
-    if run.config.likelihood in CONTINUOUS_LIKELIHOODS:
-        train = _load_splits(run.config).train
-        result["ppca_baseline"] = ppca_baseline(train, x.cpu(), run.config.latent_dim)
+    return as_json(run_baselines(run.model, x, lambda: _load_splits(run.config).train, run.model.latent_dim))
 
 
 def torch_seed(seed: int) -> None:
@@ -314,13 +323,27 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=100, help="(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_diagnostics_examples_flag(p)
     p.add_argument(
         "--fast",
         action="store_true",
         help="skip the slow diagnostics (gap decomposition into approximation and amortization gaps, IWAE curve, "
-        "ELBO-form variances, naive-vs-IS study); about 5x faster",
+        "ELBO-form variances, naive-vs-IS study)",
     )
     p.set_defaults(func=_cmd_eval)
+
+
+def _add_diagnostics_examples_flag(p) -> None:
+    from vaelab.diagnostics import DIAGNOSTICS_EXAMPLES
+
+    p.add_argument(
+        "--diagnostics-examples",
+        type=int,
+        default=DIAGNOSTICS_EXAMPLES,
+        metavar="N",
+        help="run the slow diagnostics on the first N evaluated examples; the headline numbers use all of them "
+        "(default: %(default)s)",
+    )
 
 
 def _add_estimation_flags(p, *, k: int, examples: int | None, json_help: str) -> None:
@@ -379,14 +402,11 @@ def _add_pictures(sub) -> None:
 # --- report ------------------------------------------------------------------------------------------------------
 def _cmd_report(args: argparse.Namespace) -> int:
     from vaelab.checkpoint import atomic_write_text
-    from vaelab.evaluate import diagnostics
+    from vaelab.diagnostics import diagnostics
     from vaelab.plots import draw_pictures
-    from vaelab.report import write_report
+    from vaelab.report import as_json, write_report
 
-    for name in ("k", "examples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
+    _check_at_least_one(args, "k", "examples", "diagnostics_examples")
     run = _load(args.run_dir)
     run_dir = Path(args.run_dir)
     x = _eval_data(run, "test", args.examples, args.seed)
@@ -394,8 +414,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     labels = None if labels is None else labels[: len(x)]
     torch_seed(args.seed)
     progress = not args.no_progress
-    result = diagnostics(run.model, x, k=args.k, slow=not args.fast, progress=progress, compile=args.compile)
-    _add_ppca_baseline(run, x, result)
+    found = diagnostics(
+        run.model, x, k=args.k, examples=args.diagnostics_examples, slow=not args.fast, progress=progress,
+        compile=args.compile,
+    )  # fmt: skip
+    result = as_json(found)
+    result.update(_baselines(run, x))
     result.update(run_dir=str(run_dir), split="test", weights=str(run.weights), seed=args.seed)
     json_path = Path(args.json) if args.json else run_dir / "diagnostics_test.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,7 +427,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     torch_seed(args.seed)
     pictures = draw_pictures(run.model, x, run_dir / "pictures", labels=labels, metrics=run.metrics, diagnostics=result)
     out = write_report(run, result, Path(args.out) if args.out else run_dir / "report.html", pictures=pictures)
-    print(f"diagnostics of {len(x)} test examples written to {json_path}")
+    print(f"diagnostics of {len(x)} test examples ({found.examples} for the slow ones) written to {json_path}")
     print(f"{len(pictures)} pictures written to {run_dir / 'pictures'}")
     print(f"report written to {out}")
     return 0
@@ -420,7 +444,8 @@ def _add_report(sub) -> None:
     )
     p.add_argument("run_dir", help="a run directory written by vaelab train")
     p.add_argument("--out", metavar="FILE.html", default=None, help="(default: RUN_DIR/report.html)")
-    _add_estimation_flags(p, k=5000, examples=1000, json_help="(default: RUN_DIR/diagnostics_test.json)")
+    _add_estimation_flags(p, k=5000, examples=None, json_help="(default: RUN_DIR/diagnostics_test.json)")
+    _add_diagnostics_examples_flag(p)
     p.add_argument(
         "--fast", action="store_true", help="skip the slowest diagnostics (the estimator study stops at k = 1000)"
     )
@@ -431,12 +456,16 @@ def _add_report(sub) -> None:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from vaelab.evaluate import compare_latent_usage
 
+    _check_at_least_one(args, "k", "examples")
     runs = []
     for run_dir in args.run_dirs:
         run = _load(run_dir)
         runs.append((str(run_dir), run, _eval_data(run, "test", args.examples, args.seed)))
     torch_seed(args.seed)
     rows = compare_latent_usage(runs, k=args.k, compile=args.compile)
+    by_name = {name: (run, x) for name, run, x in runs}
+    for r in rows:
+        r.update(_baselines(*by_name[r["run"]]))
     print(f"{'run':<30} {'beta':>6} {'active':>7} {'KL total':>9} {'ELBO':>9} {'log p(x)':>9}   (nats per example)")
     for r in rows:
         beta = "-" if r["beta"] is None else f"{r['beta']:.3g}"
@@ -446,7 +475,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             f"{r['elbo']['mean']:>9.2f} {r['log_px']['mean']:>9.2f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        from vaelab.report import as_json
+
+        Path(args.json).write_text(json.dumps(as_json(rows), indent=2))
         print(f"results written to {args.json}")
     if args.out:
         from vaelab.plots import beta_comparison_figure, save_figure

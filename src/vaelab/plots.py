@@ -359,7 +359,7 @@ def kl_per_dim_figure(
 def study_table(study: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     """An estimator study as ``{proposal: {k: row}}``, from either layout.
 
-    Accepts ``{"rows": [{"proposal", "k", "mean", ...}, ...]}`` (:func:`vaelab.evaluate.estimator_study`) or the
+    Accepts ``{"rows": [{"proposal", "k", "mean", ...}, ...]}`` (:func:`vaelab.diagnostics.estimator_study`) or the
     nested ``{proposal: {k: {"mean", ...}}}``.
     """
     if isinstance(study.get("rows"), list):
@@ -377,7 +377,7 @@ def study_table(study: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
 def curve_table(curve: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """A curve over k as ``{k: {"mean", "sem", ...}}``, from either layout.
 
-    Accepts parallel lists ``{"k": [...], "mean": [...], "sem": [...], ...}`` (:func:`vaelab.evaluate.iwae_curve`) or
+    Accepts parallel lists ``{"k": [...], "mean": [...], "sem": [...], ...}`` (:func:`vaelab.diagnostics.iwae_curve`) or
     the nested ``{k: {"mean", "sem"}}`` of :func:`vaelab.evaluate.evaluate_model`'s ``iwae``.
     """
     if isinstance(curve.get("k"), list):
@@ -504,8 +504,9 @@ def draw_pictures(
     """Every picture that applies to this model, as PNGs in ``out_dir``: ``{name: path}`` in reading order.
 
     ``x`` (``[N, *data_shape]``) and ``labels`` (``[N]``) are the evaluation examples; ``metrics`` the run's
-    ``metrics.jsonl`` lines; ``diagnostics`` the result of :func:`vaelab.evaluate.evaluate_model` (or its extension
-    ``diagnostics``). Pictures whose inputs are missing (a manifold for d != 2, curves nobody computed) are left out.
+    ``metrics.jsonl`` lines; ``diagnostics`` the result of :func:`vaelab.evaluate.evaluate_model` (or of
+    :func:`vaelab.diagnostics.diagnostics`, as :func:`vaelab.report.as_json` writes it). Pictures whose inputs are
+    missing (a manifold for d != 2, curves nobody computed or that do not apply) are left out.
     """
     out_dir = Path(out_dir)
     diagnostics = diagnostics or {}
@@ -524,16 +525,21 @@ def draw_pictures(
             diagnostics["kl_per_dim"], diagnostics.get("posterior_mean_variance")
         )
     log_px = diagnostics.get("log_px", {}).get("mean")
-    if diagnostics.get("estimator_study"):
+    if isinstance(diagnostics.get("estimator_study"), dict):  # a string says why it does not apply
         figures["estimators"] = lambda: _estimator_with_reference(diagnostics["estimator_study"])
-    curve = diagnostics.get("iwae_curve") or diagnostics.get("iwae")
+    curve = diagnostics.get("iwae_curve")
+    curve = curve if isinstance(curve, dict) else diagnostics.get("iwae")
     if curve:
         elbo = diagnostics.get("elbo", {}).get("kl", {}).get("mean")
         figures["iwae_curve"] = lambda: iwae_curve_figure(curve, log_px=log_px, elbo=elbo)
+    decomposed = diagnostics.get("gap_decomposition")
+    sources = dict(diagnostics)
+    if isinstance(decomposed, dict) and "posterior_gap" in decomposed:  # on the same examples as the other two
+        sources["posterior_gap"] = decomposed["posterior_gap"]
     gaps = {
-        key.replace("_", " "): diagnostics[key]["per_example"]
+        key.replace("_", " "): sources[key]["per_example"]
         for key in GAP_KEYS
-        if isinstance(diagnostics.get(key), dict) and diagnostics[key].get("per_example")
+        if isinstance(sources.get(key), dict) and sources[key].get("per_example")
     }
     if gaps:
         figures["gaps"] = lambda: gap_histogram_figure(gaps)

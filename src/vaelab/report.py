@@ -5,8 +5,12 @@ report opens offline and can be mailed or archived as it is. Next to every numbe
 on what it means. Everything that comes from the run (config values, metric names, diagnostics keys) is HTML-escaped.
 
 The diagnostics are those of :func:`vaelab.evaluate.evaluate_model`, optionally extended by
-:func:`vaelab.evaluate.diagnostics` (gap decomposition, ELBO-form variances, estimator study, IWAE curve); a section
-whose numbers are missing says "not computed".
+:func:`vaelab.diagnostics.diagnostics` (gap decomposition, ELBO-form variances, estimator study, IWAE curve); a section
+whose numbers are missing says "not computed", one whose diagnostic does not apply to the model says "not applicable"
+and why.
+
+:func:`as_json` is the one place where results (dataclasses of tensors) become JSON: ``vaelab eval``, ``vaelab
+report`` and ``vaelab compare`` all write what it returns.
 """
 
 from __future__ import annotations
@@ -22,8 +26,159 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vaelab.checkpoint import atomic_write_text
-from vaelab.plots import GAP_KEYS, curve_table, study_table
+from vaelab.diagnostics import (
+    Diagnostics,
+    ElboForms,
+    EstimatorStudy,
+    GapDecomposition,
+    IwaeCurve,
+    NotApplicable,
+    PerExample,
+)
+from vaelab.estimators import pareto_k_threshold
+from vaelab.evaluate import summarize
+
+
+# --- results as JSON: the one conversion ------------------------------------------------------------------------------
+def as_json(result: Any) -> Any:
+    """Any vaelab result as JSON-ready values (dicts, lists, str, finite floats or None, ints, bools).
+
+    Dataclasses of :mod:`vaelab.diagnostics` keep the keys their files always had: a :class:`Diagnostics` is the
+    headline evaluation's keys plus ``diagnostics_examples``, ``gap_decomposition`` (its estimates and settings on
+    the subset, ``posterior_gap`` included; q*'s per-example parameters left out), ``approximation_gap`` and
+    ``amortization_gap`` (top level, as the report and pictures read them), ``elbo_forms``, ``iwae_curve`` and
+    ``estimator_study``. A :class:`NotApplicable` is the string ``"not applicable: <reason>"``. Tensors become lists,
+    non-finite numbers None (JSON has no NaN).
+    """
+    if isinstance(result, NotApplicable):
+        return str(result)
+    if isinstance(result, Diagnostics):
+        return _diagnostics_json(result)
+    if isinstance(result, PerExample):
+        return _per_example_json(result)
+    if isinstance(result, GapDecomposition):
+        return _gaps_json(result)
+    if isinstance(result, ElboForms):
+        return _forms_json(result)
+    if isinstance(result, EstimatorStudy):
+        return _study_json(result)
+    if isinstance(result, IwaeCurve):
+        return _curve_json(result)
+    if isinstance(result, torch.Tensor):
+        return as_json(result.detach().cpu().tolist())
+    if isinstance(result, Mapping):
+        return {str(key): as_json(value) for key, value in result.items()}
+    if isinstance(result, list | tuple):
+        return [as_json(value) for value in result]
+    if isinstance(result, float):
+        return result if math.isfinite(result) else None
+    return result
+
+
+def _num(value: Any) -> float | None:
+    """A plain float, or None where the value is not finite (NaN stderr at k = 1, Pareto k-hat at k < 25)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _per_example_json(p: PerExample) -> dict[str, Any]:
+    """Mean and sem over examples and the per-example values; with a stderr also its Monte Carlo error of the mean
+    ``mc_sem`` = sqrt(sum_b se_b^2) / B (the error to use when comparing two estimates on the same examples), and
+    with importance weights their per-example ``ess`` and ``pareto_k``."""
+    values = p.value.detach().double().cpu()
+    out: dict[str, Any] = {key: _num(v) for key, v in summarize(values).items()}
+    out["per_example"] = [_num(v) for v in values.tolist()]
+    if p.mc_stderr is not None:
+        se = p.mc_stderr.detach().double().cpu()
+        out["mean_mc_stderr"] = _num(se.mean())
+        out["mc_sem"] = _num(se.square().sum().sqrt() / se.numel())
+        out["mc_stderr"] = [_num(v) for v in se.tolist()]
+    for key in ("ess", "pareto_k"):
+        values = getattr(p, key)
+        if values is not None:
+            out[key] = [_num(v) for v in values.detach().double().cpu().tolist()]
+    return out
+
+
+def _gaps_json(g: GapDecomposition) -> dict[str, Any]:
+    estimates = (
+        "posterior_gap", "approximation_gap", "amortization_gap", "log_px", "log_px_encoder", "log_px_optimised",
+        "elbo_encoder", "elbo_optimised",
+    )  # fmt: skip
+    out: dict[str, Any] = {"examples": len(g.posterior_gap.value), "units": "nats per example"}
+    out |= {name: _per_example_json(getattr(g, name)) for name in estimates}
+    out |= {name: getattr(g, name) for name in ("q_star_start", "steps", "lr", "samples_per_step", "k", "elbo_k")}
+    out["elbo_form"] = g.elbo_form
+    return out
+
+
+def _forms_json(f: ElboForms) -> dict[str, Any]:
+    forms = {
+        name: {"value": _per_example_json(form.value), "variance": _per_example_json(PerExample(form.variance))}
+        for name, form in f.forms.items()
+    }
+    examples = len(next(iter(f.forms.values())).variance)
+    return {"examples": examples, "units": "nats per example", "k": f.k, "forms": forms,
+            "lowest_variance": f.lowest_variance}  # fmt: skip
+
+
+def _study_json(study: EstimatorStudy) -> dict[str, Any]:
+    rows = []
+    for row in study.rows:
+        khat = row.estimate.pareto_k.double().cpu()
+        fitted, finite = ~torch.isnan(khat), torch.isfinite(khat)
+        threshold = pareto_k_threshold(row.k)
+        value = _per_example_json(row.estimate)
+        rows.append(
+            {
+                "proposal": row.proposal,
+                "k": row.k,
+                "mean": value["mean"],
+                "sem": value["sem"],
+                "mean_mc_stderr": value["mean_mc_stderr"],
+                "mc_sem": value["mc_sem"],
+                "mean_ess": _num(row.estimate.ess.double().mean()),
+                "mean_pareto_k": _num(khat[finite].mean()) if bool(finite.any()) else None,
+                "fraction_flat_tail": _num((khat == -math.inf).double().mean()) if bool(fitted.all()) else None,
+                "pareto_k_threshold": threshold,
+                "fraction_pareto_k_above_threshold": (
+                    _num((khat > threshold).double().mean()) if bool(fitted.all()) else None
+                ),
+            }
+        )
+    return {
+        "examples": len(study.rows[0].estimate.value) if study.rows else 0,
+        "units": "nats per example",
+        "ks": sorted({row.k for row in study.rows}),
+        "proposals": list(dict.fromkeys(row.proposal for row in study.rows)),
+        "rows": rows,
+    }
+
+
+def _curve_json(curve: IwaeCurve) -> dict[str, Any]:
+    points = [_per_example_json(p) for p in curve.points]
+    return {
+        "examples": len(curve.points[0].value) if curve.points else 0,
+        "units": "nats per example",
+        "k": list(curve.ks),
+        **{key: [p[key] for p in points] for key in ("mean", "sem", "mean_mc_stderr", "mc_sem")},
+    }
+
+
+def _diagnostics_json(d: Diagnostics) -> dict[str, Any]:
+    out = as_json(d.evaluation)
+    out["diagnostics_examples"] = d.examples
+    gaps = as_json(d.gap_decomposition)
+    for key in ("approximation_gap", "amortization_gap"):
+        out[key] = gaps.pop(key) if isinstance(gaps, dict) else gaps
+    out["gap_decomposition"] = gaps
+    for key in ("elbo_forms", "iwae_curve", "estimator_study"):
+        out[key] = as_json(getattr(d, key))
+    return out
+
 
 # --- plain-language notes, one per quantity --------------------------------------------------------------------------
 EXPLAIN: dict[str, str] = {
@@ -150,6 +305,12 @@ SECTION_PICTURES = {
 }
 
 NOT_COMPUTED = '<p class="missing">not computed</p>'
+
+
+def missing(value: Any) -> str:
+    """What a section shows without numbers: the "not applicable: <reason>" text its JSON holds, else "not computed"."""
+    return f'<p class="missing">{esc(value)}</p>' if isinstance(value, str) else NOT_COMPUTED
+
 
 NAV = (
     '<nav><a href="#summary">Summary</a> · <a href="#config">Configuration</a> · <a href="#training">Training</a> · '
@@ -304,8 +465,6 @@ def _headline(d: Mapping[str, Any]) -> str:
     if not isinstance(lp, Mapping):
         return NOT_COMPUTED
     gap_label = "posterior gap"
-    if isinstance(d.get("gap_decomposition"), Mapping):  # its own log p-hat and ELBO, not the two rows above
-        gap_label += ' <span class="meta">(from the gap decomposition below)</span>'
     rows = [
         [f"log p(x), k = {fmt(lp.get('k'))}", num(pm(lp)), why("log_px")],
         ["ELBO (KL form)", num(pm(d.get("elbo", {}).get("kl"))), why("elbo")],
@@ -363,16 +522,23 @@ def _elbo_section(d: Mapping[str, Any]) -> str:
             rows.append([f"<code>{esc(form)}</code>{esc(lowest)}", num(value_text), num(fmt(variance, 3))])
         k = forms_info.get("k")
         out.append(
-            (f'<p class="meta">{fmt(k)} samples per example, the same samples for every form.</p>' if k else "")
+            (
+                f'<p class="meta">{fmt(k)} samples per example, the same samples for every form; on the first '
+                f"{fmt(forms_info.get('examples'))} examples.</p>"
+                if k
+                else ""
+            )
             + table(["form", "ELBO", "per-sample variance (nats²)"], rows)
         )
         out.append(f'<p class="why">{esc(EXPLAIN["elbo_forms"])}</p>')
     else:
-        out.append(NOT_COMPUTED)
+        out.append(missing(forms_info))
     return "".join(out)
 
 
 def _iwae_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
+    from vaelab.plots import curve_table
+
     out = ['<h2 id="iwae">IWAE bounds</h2>', f'<p class="why">{esc(EXPLAIN["iwae"])}</p>']
     iwae = d.get("iwae")
     if isinstance(iwae, Mapping) and iwae:
@@ -390,7 +556,7 @@ def _iwae_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
         out.append(table(["k", "IWAE_k bound", "mean per-example MC stderr", "MC error of the mean"], rows))
         out.append(f'<p class="why">{esc(EXPLAIN["iwae_curve"])}</p>')
     else:
-        out.append(NOT_COMPUTED)
+        out.append(missing(curve))
     out += [figure(n, pictures[n]) for n in SECTION_PICTURES["iwae"] if n in pictures]
     return "".join(out)
 
@@ -438,23 +604,32 @@ def _log_px_section(d: Mapping[str, Any]) -> str:
 
 
 def _gap_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
+    from vaelab.plots import GAP_KEYS
+
     out = ['<h2 id="gaps">Where the ELBO loses: the gaps</h2>']
+    settings = d.get("gap_decomposition")
+    gaps = dict(d)
+    if isinstance(settings, Mapping):  # the decomposition's own posterior gap: the sum of the two below, same examples
+        gaps["posterior_gap"] = settings.get("posterior_gap", d.get("posterior_gap"))
+        out.append(f'<p class="meta">Decomposed on the first {fmt(settings.get("examples"))} examples.</p>')
+    elif isinstance(settings, str):
+        out.append(missing(settings))
     rows = []
     for key in GAP_KEYS:
-        s = d.get(key)
+        s = gaps.get(key)
         label = key.replace("_", " ")
         if isinstance(s, Mapping) and s.get("mean") is not None:
             mc = s.get("mc_sem")
             rows.append([label, num(pm(s)), num(fmt(mc, 3)), why(key)])
         else:
-            rows.append([label, '<span class="missing">not computed</span>', num("—"), why(key)])
+            text = esc(s) if isinstance(s, str) else "not computed"
+            rows.append([label, f'<span class="missing">{text}</span>', num("—"), why(key)])
     out.append(table(["gap", "mean ± sem (nats)", "Monte Carlo error of the mean", "meaning"], rows))
-    settings = d.get("gap_decomposition")
     if isinstance(settings, Mapping) and settings:
         scalars = [
             [f"<code>{esc(k)}</code>", num(fmt(v, 3) if not isinstance(v, Mapping) else pm(v))]
             for k, v in settings.items()
-            if not isinstance(v, list) and k != "units"
+            if not isinstance(v, list) and k not in ("units", *GAP_KEYS)
         ]
         out.append(
             f'<p class="why">{esc(EXPLAIN["gap_decomposition"])}</p>' + table(["setting or estimate", "value"], scalars)
@@ -464,13 +639,15 @@ def _gap_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
 
 
 def _estimator_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
+    from vaelab.plots import study_table
+
     out = [
         '<h2 id="estimators">Naive Monte Carlo vs importance sampling</h2>',
         f'<p class="why">{esc(EXPLAIN["estimator_study"])}</p>',
     ]
     study = d.get("estimator_study")
     if not (isinstance(study, Mapping) and study):
-        return "".join(out) + NOT_COMPUTED
+        return "".join(out) + missing(study)
     if study.get("examples"):
         out.append(f'<p class="meta">On the first {fmt(study["examples"])} examples.</p>')
     rows = []
@@ -524,7 +701,7 @@ def _latent_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
 HANDLED = {
     "examples", "units", "elbo", "iwae", "log_px", "posterior_gap", "approximation_gap", "amortization_gap",
     "gap_decomposition", "elbo_forms", "estimator_study", "iwae_curve", "active_units", "latent_dim",
-    "posterior_mean_variance", "kl_per_dim", "run_dir", "split", "weights", "seed",
+    "posterior_mean_variance", "kl_per_dim", "run_dir", "split", "weights", "seed", "diagnostics_examples",
 }  # fmt: skip
 
 
@@ -596,8 +773,9 @@ def write_report(run, diagnostics: dict, out: Path, *, pictures: dict[str, Path]
     Args:
         run: a :class:`vaelab.train.Run` (its ``config``, ``metrics``, ``run_dir``, ``weights`` and ``step`` are
             shown).
-        diagnostics: the dict of :func:`vaelab.evaluate.evaluate_model` or :func:`vaelab.evaluate.diagnostics`
-            (nats per example); missing sections say "not computed".
+        diagnostics: :func:`vaelab.evaluate.evaluate_model`'s dict or :func:`vaelab.diagnostics.diagnostics`'
+            result as :func:`as_json` writes it (nats per example); missing sections say "not computed", those
+            that do not apply to the model "not applicable: <reason>".
         out: the HTML file to write (its folder is created).
         pictures: ``{name: PNG path}``, e.g. from :func:`vaelab.plots.draw_pictures`; embedded as base64 data URIs.
     """

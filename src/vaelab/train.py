@@ -586,11 +586,11 @@ class _NoBar:
 
 
 def _progress(total: int, initial: int, *, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
+    """The training bar (:func:`vaelab.progress.progress_bar`: quiet, one line per 30 s, when stderr is a file)."""
+    from vaelab.progress import progress_bar
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total, "train", "step", enabled=enabled, initial=initial)
+    return _NoBar() if bar is None else bar
 
 
 def train(
