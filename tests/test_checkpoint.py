@@ -16,10 +16,13 @@ import torch
 from safetensors import safe_open
 
 from vaelab.checkpoint import (
+    FAULT_POINTS,
     FORMAT_VERSION,
     CheckpointError,
     atomic_write_text,
+    complete_checkpoints,
     load_checkpoint,
+    remove_leftovers,
     restore_optimizer,
     rng_state,
     save_checkpoint,
@@ -251,3 +254,75 @@ def test_latest_checkpoint_falls_back_when_the_pointer_is_stale(tmp_path):
     assert latest_checkpoint(tmp_path) == ckpt_dir / "step_00000020"
     shutil.rmtree(ckpt_dir)
     assert latest_checkpoint(tmp_path) is None
+
+
+# --- failed and killed saves ------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (a full disk on demand); needs root and mount(8), else the test is skipped."""
+    import subprocess
+
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_one_line_error_that_cleans_up_and_keeps_the_last_checkpoint(small_disk):
+    small_model = torch.nn.Linear(4, 4)  # a checkpoint of a few kB: fits
+    first = save_checkpoint(small_disk / "step_00000001", model=small_model, optimizer=None, meta={"step": 1})
+    before = {name: (first / name).read_bytes() for name in FILES}
+    big_model = torch.nn.Linear(1000, 100)  # ~400 kB of weights: does not fit on 256 KiB
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint(small_disk / "step_00000002", model=big_model, optimizer=None, meta={"step": 2})
+    message = str(caught.value)
+    assert "\n" not in message and "step_00000002" in message and "No space left on device" in message
+    assert sorted(p.name for p in small_disk.iterdir()) == ["step_00000001"]  # the temporary directory is gone
+    assert {name: (first / name).read_bytes() for name in FILES} == before
+    load_checkpoint(first)  # still a complete checkpoint
+
+
+def test_leftovers_of_killed_saves_are_not_checkpoints_and_are_removed(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    ckpt_dir = tmp_path / "checkpoints"
+    save_checkpoint(ckpt_dir / "step_00000005", model=model, optimizer=None, meta={"step": 5})
+    save_checkpoint(ckpt_dir / "best", model=model, optimizer=None, meta={"step": 5})
+    (ckpt_dir / ".step_00000010.tmp").mkdir()  # killed while writing step 10
+    os_rename = __import__("os").rename
+    os_rename(ckpt_dir / "best", ckpt_dir / ".best.old")  # killed between the two renames of re-saving 'best'
+    assert complete_checkpoints(ckpt_dir) == [ckpt_dir / "step_00000005"]
+    assert remove_leftovers(ckpt_dir) == [ckpt_dir / ".step_00000010.tmp"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best", "step_00000005"]  # the old 'best' put back
+    load_checkpoint(ckpt_dir / "best")
+    assert complete_checkpoints(tmp_path / "nowhere") == [] and remove_leftovers(tmp_path / "nowhere") == []
+
+
+def test_every_fault_point_is_reached_by_a_save(tmp_path):
+    # each named point kills a real child process (SIGKILL) at its place; what it leaves is then what a crash leaves
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from vaelab.checkpoint import atomic_write_text, save_checkpoint\n"
+        "d = Path(sys.argv[1])\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "save_checkpoint(d / 'best', model=m, optimizer=None, meta={})\n"
+        "save_checkpoint(d / 'best', model=m, optimizer=None, meta={})\n"
+        "atomic_write_text(d / 'latest.json', '{}')\n"
+    )
+    for point in FAULT_POINTS:
+        where = tmp_path / point
+        env = dict(os.environ, VAELAB_FAULT=point)
+        done = subprocess.run([sys.executable, "-c", script, str(where)], env=env, capture_output=True, timeout=120)
+        assert done.returncode == -signal.SIGKILL, (point, done.stderr.decode()[-2000:])
+        remove_leftovers(where)
+        assert not [p for p in where.iterdir() if p.name.startswith(".")], point  # nothing half-done stays
+        if (where / "best").exists():
+            load_checkpoint(where / "best")  # and what is there is whole

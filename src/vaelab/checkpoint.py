@@ -11,13 +11,21 @@ It is written to a temporary sibling directory, every file fsync'ed, then rename
 POSIX), and the parent directory fsync'ed: a crash at any moment leaves either the old set of checkpoints or the new
 one, never a half-written directory. ``latest.json`` beside the checkpoints names the newest; it is replaced the same
 way. Loading uses ``safetensors`` and ``json`` only: no pickle, so a checkpoint cannot execute code.
+
+A save that fails (a full disk, say) removes its temporary directory and raises :class:`CheckpointError` in one line;
+the checkpoints already written stay as they were. What a killed save leaves behind (``.step_N.tmp``, ``.best.old``)
+is never read as a checkpoint: :func:`complete_checkpoints` lists only finished ones and :func:`remove_leftovers`
+deletes the rest. ``VAELAB_FAULT=<point>`` kills the process with SIGKILL at one of :data:`FAULT_POINTS`, so that tests
+can stop a save at an exact place instead of racing a timer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
+
+# Named places inside a save where VAELAB_FAULT can kill the process (see fault_point).
+FAULT_POINTS: tuple[str, ...] = (
+    "checkpoint-files-written",  # the temporary directory complete and fsync'ed, not yet renamed
+    "checkpoint-old-moved",  # re-saving 'best': the old one moved aside, the new one not yet in place
+    "checkpoint-renamed",  # the new checkpoint in place, its parent directory not yet fsync'ed
+    "text-written",  # atomic_write_text (latest.json, config.json): the temporary file written, not yet renamed
+)
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here if ``VAELAB_FAULT`` names this point (fault injection for the crash tests)."""
+    if os.environ.get("VAELAB_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,6 +70,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("text-written")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -101,6 +124,30 @@ def save_checkpoint(
     """Atomically write a checkpoint directory (see the module docstring) and return its path."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
+    try:
+        _write_files(tmp, model=model, optimizer=optimizer, meta=meta)
+    except Exception as err:  # a full disk: OSError from json/fsync, SafetensorError (not an OSError) from save_file
+        shutil.rmtree(tmp, ignore_errors=True)  # what was written would only fill the scarce space
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        message = f"could not write checkpoint {directory} ({reason}); the earlier checkpoints are intact"
+        raise CheckpointError(message) from err
+    fault_point("checkpoint-files-written")
+    if directory.exists():  # re-saving the same step (e.g. 'best'): swap in the new one
+        old = directory.with_name(f".{directory.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(directory, old)
+        fault_point("checkpoint-old-moved")
+        os.rename(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, directory)
+    fault_point("checkpoint-renamed")
+    _fsync_dir(directory.parent)
+    return directory
+
+
+def _write_files(tmp: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -116,17 +163,44 @@ def save_checkpoint(
     for name in ("model.safetensors", "state.safetensors", "state.json"):
         _fsync_file(tmp / name)
     _fsync_dir(tmp)
-    if directory.exists():  # re-saving the same step (e.g. 'best'): swap in the new one
-        old = directory.with_name(f".{directory.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(directory, old)
-        os.rename(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, directory)
-    _fsync_dir(directory.parent)
-    return directory
+
+
+_STEP = re.compile(r"step_\d+")
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The finished step checkpoints of a checkpoint directory, oldest first (temporaries and 'best' left out)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if _STEP.fullmatch(p.name) and p.is_dir())
+
+
+def remove_leftovers(ckpt_dir: Path) -> list[Path]:
+    """Delete what killed saves left in a checkpoint directory (``.NAME.tmp`` / ``.NAME.old``); return their paths.
+
+    A ``.best.old`` without a ``best`` is the last finished 'best' (killed between the two renames): it is put back.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    removed = []
+    if not ckpt_dir.is_dir():
+        return removed
+    for path in sorted(ckpt_dir.iterdir()):
+        match = re.fullmatch(r"\.(.+)\.(tmp|old)", path.name)
+        if match is None:
+            continue
+        target = ckpt_dir / match.group(1)
+        if match.group(2) == "old" and path.is_dir() and not target.exists():
+            os.rename(path, target)
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    if removed:
+        _fsync_dir(ckpt_dir)
+    return removed
 
 
 class CheckpointError(ValueError):
