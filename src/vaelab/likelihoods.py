@@ -4,14 +4,23 @@ A likelihood is an ``nn.Module`` built for one data shape (e.g. ``(1, 28, 28)`` 
 outputs of shape ``[*batch, *data_shape]`` it returns a distribution with batch shape ``batch`` and event shape
 ``data_shape``, so ``log_prob(x)`` is the log-density of a whole example in nats.
 
-Each likelihood states its ``support`` (a ``torch.distributions.constraints`` object); estimators check data against
-it once, at their entry, rather than on every ``log_prob`` in the hot path.
+Each likelihood class carries its own facts, so nothing elsewhere keys on its name:
+
+* ``support`` (a ``torch.distributions.constraints`` object): estimators check data against it once, at their entry,
+  rather than on every ``log_prob`` in the hot path;
+* ``binary``: the data are 0/1 (training binarizes batches by default, :attr:`vaelab.config.TrainConfig.binarizes`);
+* ``density_on_reals``: ``log_prob`` is a density on R^D, comparable with other densities on R^D (e.g. pPCA's);
+* :meth:`Likelihood.bias_from_mean`: the decoder output that reproduces a pixel mean, to start the decoder's last
+  bias at the data mean (:func:`vaelab.nets.init_decoder_bias`).
+
+A new likelihood is one subclass here, one line in :data:`LIKELIHOODS` and one test.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,9 +37,19 @@ from vaelab._math import inverse_softplus, positive_scale
 
 
 class Likelihood(nn.Module):
-    """Base class: holds the data shape; subclasses implement ``forward(params) -> Distribution``."""
+    """Base class: holds the data shape; subclasses implement ``forward(params) -> Distribution``.
 
-    support: constraints.Constraint = constraints.real
+    Class attributes (override them in a subclass): ``support``, the values x may take; ``binary``, whether the data
+    are 0/1; ``density_on_reals``, whether ``log_prob`` is a density on R^D.
+    """
+
+    support: ClassVar[constraints.Constraint] = constraints.real
+    binary: ClassVar[bool] = False
+    density_on_reals: ClassVar[bool] = True
+
+    # mean [*shape] -> the decoder output [*shape] whose distribution has (about) that mean, per value; None: no rule
+    # (the decoder's bias is then left as initialised). E.g. the logit for Bernoulli pixels, the mean for Gaussians.
+    bias_from_mean: ClassVar[Callable[[torch.Tensor], torch.Tensor] | None] = None
 
     def __init__(self, data_shape: Sequence[int]):
         super().__init__()
@@ -110,10 +129,23 @@ class _BlockedBernoulliLogProb(torch.autograd.Function):
         return grad_logits, grad_value
 
 
+def _clamped_logit(mean: torch.Tensor) -> torch.Tensor:
+    """logit(clamp(mean, 1e-3, 1 - 1e-3)): finite for always-off or always-on pixels. ``mean`` must be in [0, 1]."""
+    if not bool(((mean >= 0) & (mean <= 1)).all()):
+        raise ValueError("a decoder that outputs logits needs a pixel mean in [0, 1]; is the data scaled to [0, 1]?")
+    return torch.logit(mean, eps=1e-3)
+
+
 class BernoulliLikelihood(Likelihood):
-    """p(x|z) = prod_i Bernoulli(x_i; sigmoid(logit_i)) for binary data. log_prob is BCE-with-logits (stable)."""
+    """p(x|z) = prod_i Bernoulli(x_i; sigmoid(logit_i)) for binary data. log_prob is BCE-with-logits (stable).
+
+    The decoder outputs logits; sigmoid(bias) = mean is the maximum-likelihood image-independent start.
+    """
 
     support = constraints.boolean
+    binary = True
+    density_on_reals = False
+    bias_from_mean = staticmethod(_clamped_logit)
 
     def forward(self, logits: torch.Tensor) -> Distribution:
         return self._independent(Bernoulli(logits=logits, validate_args=False), IndependentBernoulli)
@@ -138,16 +170,28 @@ class StableContinuousBernoulli(ContinuousBernoulli):
 
 
 class ContinuousBernoulliLikelihood(Likelihood):
-    """The continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019): a normalized density on [0, 1] per pixel."""
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019): a normalized density on [0, 1] per pixel.
+
+    The decoder outputs logits of lambda; lambda = mean is a good start, though not the mean-matching value (the
+    distribution's mean is not lambda).
+    """
 
     support = constraints.unit_interval
+    density_on_reals = False
+    bias_from_mean = staticmethod(_clamped_logit)
 
     def forward(self, logits: torch.Tensor) -> Distribution:
         return self._independent(StableContinuousBernoulli(logits=logits, validate_args=False))
 
 
+def _identity(mean: torch.Tensor) -> torch.Tensor:
+    return mean
+
+
 class GaussianLikelihood(Likelihood):
-    """p(x|z) = N(x; mean, scale^2 I) with a fixed ``scale`` (in data units)."""
+    """p(x|z) = N(x; mean, scale^2 I) with a fixed ``scale`` (in data units). The decoder outputs the mean."""
+
+    bias_from_mean = staticmethod(_identity)
 
     def __init__(self, data_shape: Sequence[int], scale: float = 1.0):
         super().__init__(data_shape)
@@ -163,8 +207,10 @@ class LearnedGaussianLikelihood(Likelihood):
     """p(x|z) = N(x; mean, diag(sigma^2)), sigma learned: one per pixel, or one ``shared`` by all pixels.
 
     sigma = softplus(raw) + ``min_scale``: the floor stops the density from collapsing onto training pixels
-    (an unbounded likelihood otherwise, e.g. on saturated pixels).
+    (an unbounded likelihood otherwise, e.g. on saturated pixels). The decoder outputs the mean.
     """
+
+    bias_from_mean = staticmethod(_identity)
 
     def __init__(
         self,
