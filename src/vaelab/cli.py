@@ -337,7 +337,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     run = _load(args.run_dir)
     torch_seed(args.seed)
     out = args.out or str(Path(args.run_dir) / "samples.png")
-    save_grid(out, sample_images(run.model, args.n), run.model.data_shape)
+    images = sample_images(run.model, args.n)  # [n, *data_shape]
+    save_grid(out, images, images.shape[1:])
     print(f"{args.n} samples from the prior written to {out}")
     return 0
 
@@ -348,7 +349,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     run = _load(args.run_dir)
     x = _eval_data(run, "test", args.n, args.seed)
     out = args.out or str(Path(args.run_dir) / "reconstructions.png")
-    save_grid(out, reconstruction_pairs(run.model, x), run.model.data_shape, ncol=len(x))
+    save_grid(out, reconstruction_pairs(run.model, x), x.shape[1:], ncol=len(x))
     print(f"{len(x)} test images (top row) and their reconstructions (bottom row) written to {out}")
     return 0
 

@@ -88,8 +88,6 @@ class TrainConfig:
         for name, registry in REGISTRIES.items():
             if getattr(self, name) not in registry:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(registry)}")
-        for name in OPTIONS:
-            check_options(self, name)
         for name in ("latent_dim", "k", "batch_size", "log_every", "eval_k", "keep_last"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -118,6 +116,8 @@ class TrainConfig:
         check_config = getattr(MODELS[self.model], "check_config", None)
         if check_config is not None:
             check_config(self)
+        for name in OPTIONS:  # after the model's own check, which may say it does not use them at all
+            check_options(self, name)
 
     @property
     def binarizes(self) -> bool:

@@ -40,6 +40,7 @@ from vaelab.estimators import (
     check_data,
     elbo,
     elbo_integrands,
+    latent_dim,
     log_marginal,
     pareto_k_threshold,
 )
@@ -74,7 +75,7 @@ def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, 
     variance = torch.cat(means).double().var(0)
     result: dict[str, Any] = {
         "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
-        "latent_dim": int(model.latent_dim),
+        "latent_dim": latent_dim(model),
         "posterior_mean_variance": variance.cpu().tolist(),
         "kl_per_dim": None,
     }
