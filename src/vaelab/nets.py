@@ -25,56 +25,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from vaelab import _fast
 from vaelab.likelihoods import LIKELIHOODS, Likelihood
 
 
-@torch.library.custom_op("vaelab::tanh", mutates_args=())
-def _aten_tanh(x: torch.Tensor) -> torch.Tensor:
-    """``torch.tanh``, opaque to torch.compile: a compiled graph calls ATen's kernel for it (see :class:`Tanh`)."""
-    return torch.tanh(x)
-
-
-@_aten_tanh.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-class _CompiledTanh(torch.autograd.Function):
-    """tanh through :func:`_aten_tanh`, with its derivative written out from the output: 1 - tanh(x)^2."""
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return _aten_tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
-
-
 class Tanh(nn.Tanh):
-    """``nn.Tanh`` that keeps ATen's CPU kernel inside ``torch.compile``.
-
-    Inductor generates its own tanh for CPUs (SLEEF's, ~0.85 ns per value on this project's CPU) where ATen's
-    takes ~0.15-0.35 ns: for the iwae-1layer networks, the two tanh layers of every decoder pass were a fifth of a
-    compiled log p(x) sample. Compiled on CPU, a tanh of at least :data:`ATEN_TANH_MIN_VALUES` values is therefore an
-    opaque call to ATen's kernel (the same values as eager, bit for bit) with the derivative 1 - y^2; below that
-    the call's overhead costs more than it saves, and eagerly and on other devices it is plain ``torch.tanh``.
-    """
+    """``nn.Tanh``; compiled on CPU, a large input's tanh is ATen's kernel rather than Inductor's (same values, faster:
+    :func:`vaelab._fast.tanh`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() >= ATEN_TANH_MIN_VALUES:
-            return _CompiledTanh.apply(x)
-        return torch.tanh(x)
-
-
-# Measured (a compiled Linear -> tanh -> Linear): the ATen call broke even at ~25-30k values (100 x 200: 3 us slower,
-# 200 x 200: 8 us faster, 1000 x 200: 93 us faster per call)
-ATEN_TANH_MIN_VALUES = 32768
+        return _fast.tanh(x)
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
