@@ -350,6 +350,8 @@ def test_a_user_model_and_prior_train_from_a_config_naming_them_and_reload(user_
         ({"prior_options": {"components": 3}}, "for prior 'standard-normal'; it takes none"),
         ({"schedule_options": {"steps": 3}}, "for schedule 'constant'"),
         ({"prior_options": [3]}, "prior_options must be a dict"),
+        ({"objective_options": {"bogus": 1}}, "unknown objective_options bogus for the 'elbo' objective"),
+        ({"objective": "free_bits"}, "the 'free_bits' objective needs free_nats"),
     ],
 )
 def test_a_config_naming_what_no_registry_or_builder_takes_is_refused_when_built(fields, message):

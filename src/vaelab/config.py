@@ -20,7 +20,7 @@ from vaelab.nets import ARCHITECTURES
 from vaelab.objectives import OBJECTIVES
 from vaelab.posteriors import POSTERIORS
 from vaelab.priors import PRIORS
-from vaelab.schedules import SCHEDULES
+from vaelab.schedules import SCHEDULES, make_schedule
 
 
 @dataclass
@@ -118,6 +118,7 @@ class TrainConfig:
             check_config(self)
         for name in OPTIONS:  # after the model's own check, which may say it does not use them at all
             check_options(self, name)
+        check_objective_options(self)
 
     @property
     def binarizes(self) -> bool:
@@ -192,6 +193,36 @@ def check_options(config: TrainConfig, field_name: str) -> None:
     if unknown:
         takes = f"it takes {', '.join(valid)}" if valid else "it takes none"
         raise ValueError(f"unknown {field_name} {', '.join(map(repr, unknown))} for {owner} {name!r}; {takes}")
+
+
+def check_objective_options(config: TrainConfig) -> None:
+    """Refuse, when the config is built, keyword arguments the objective would refuse at its first step: missing,
+    unknown, or set both by ``objective_options`` and by the schedule (which also checks ``schedule_options``)."""
+    objective = OBJECTIVES[config.objective]
+    parameters = inspect.signature(objective).parameters
+    options = dict(config.objective_options)
+    if "form" in parameters:  # the config's form goes to the objectives that take one (as the Trainer passes it)
+        options.setdefault("form", config.form)
+    from_schedule = make_schedule(config.schedule, **config.schedule_options).objective_kwargs(0)
+    keyword = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+    name = f"the {config.objective!r} objective"
+    twice = sorted(set(options) & set(from_schedule))
+    if twice:
+        raise ValueError(
+            f"{', '.join(twice)} of {name} is set by the {config.schedule!r} schedule: set it through schedule_options "
+            f"(--schedule-options), not objective_options"
+        )
+    unknown = sorted(set(options) - keyword)
+    if unknown:
+        choices = sorted(keyword - set(from_schedule) - {"k", "q"})
+        raise ValueError(f"unknown objective_options {', '.join(unknown)} for {name}; it takes {', '.join(choices)}")
+    supplied = {"k", *options, *from_schedule}
+    missing = [n for n, p in parameters.items() if n in keyword and p.default is p.empty and n not in supplied]
+    if missing:
+        where = f"objective_options (--objective-options '{{\"{missing[0]}\": ...}}')"
+        if set(missing) <= {"capacity", "gamma"}:  # what the capacity schedule supplies at every step
+            where = f"the capacity schedule (--schedule capacity), or {where}"
+        raise ValueError(f"{name} needs {', '.join(missing)}: set {'it' if len(missing) == 1 else 'them'} with {where}")
 
 
 def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:

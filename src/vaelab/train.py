@@ -176,7 +176,6 @@ class Trainer:
         if "form" in inspect.signature(self.objective).parameters:
             self.objective_options.setdefault("form", config.form)
         self.schedule = make_schedule(config.schedule, **config.schedule_options)
-        _check_objective_arguments(config, self.objective, self.objective_options, self.schedule.objective_kwargs(0))
         # Compiled: in one process the whole step is one graph (WholeStep: gradients and the Adam update); under
         # torchrun, where gradients are averaged between the two, the objective is (forward and backward fused).
         # A schedule's changing values go in as 0-d tensors so that they do not trigger a recompilation each.
@@ -520,31 +519,6 @@ class Trainer:
                 return None
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         return self._tb or None
-
-
-def _check_objective_arguments(config: TrainConfig, objective, options: dict, from_schedule: dict) -> None:
-    """Refuse, before the first step, keyword arguments the objective would refuse at it: missing, unknown, or set
-    both by ``objective_options`` and by the schedule."""
-    parameters = inspect.signature(objective).parameters
-    keyword = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
-    name = f"the {config.objective!r} objective"
-    twice = sorted(set(options) & set(from_schedule))
-    if twice:
-        raise ValueError(
-            f"{', '.join(twice)} of {name} is set by the {config.schedule!r} schedule: set it through schedule_options "
-            f"(--schedule-options), not objective_options"
-        )
-    unknown = sorted(set(options) - keyword)
-    if unknown:
-        choices = sorted(keyword - set(from_schedule) - {"k", "q"})
-        raise ValueError(f"unknown objective_options {', '.join(unknown)} for {name}; it takes {', '.join(choices)}")
-    supplied = {"k", *options, *from_schedule}
-    missing = [n for n, p in parameters.items() if n in keyword and p.default is p.empty and n not in supplied]
-    if missing:
-        where = f"objective_options (--objective-options '{{\"{missing[0]}\": ...}}')"
-        if set(missing) <= {"capacity", "gamma"}:  # what the capacity schedule supplies at every step
-            where = f"the capacity schedule (--schedule capacity), or {where}"
-        raise ValueError(f"{name} needs {', '.join(missing)}: set {'it' if len(missing) == 1 else 'them'} with {where}")
 
 
 def _diverged(step: int, out: ObjectiveOutput, loss: torch.Tensor, bad_gradients: list[str]) -> TrainingDiverged:
