@@ -107,8 +107,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true, false or None (automatic), got {self.compile!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
