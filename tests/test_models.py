@@ -240,6 +240,8 @@ def test_minimal_model_data_are_checked_against_the_decoders_support():
 
 
 def test_minimal_model_without_what_the_estimators_need_is_told_what_to_add():
+    with pytest.raises(ValueError, match=r"shape \[B, \*data_shape\] with B >= 1, got \(2,\)"):
+        estimators.elbo(MinimalBernoulli(), torch.zeros(2))
     with pytest.raises(ValueError, match=r"latent_dim: its prior has event shape \[\]"):
         estimators.elbo(MinimalBernoulli(prior_event=None), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="data_support attribute"):

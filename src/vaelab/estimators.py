@@ -74,9 +74,14 @@ def check_data(model, x: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     stated = getattr(model, "data_shape", None)
-    data_shape = tuple(x.shape[1:]) if stated is None else tuple(stated)
-    if x.ndim != 1 + len(data_shape) or tuple(x.shape[1:]) != data_shape or x.shape[0] < 1 or not data_shape:
-        raise ValueError(f"x must have shape [B, {', '.join(map(str, data_shape))}] with B >= 1, got {tuple(x.shape)}")
+    if stated is None:  # the model does not say: any [B, *data_shape] with B >= 1
+        if x.ndim < 2 or x.shape[0] < 1:
+            raise ValueError(f"x must have shape [B, *data_shape] with B >= 1, got {tuple(x.shape)}")
+    else:
+        data_shape = tuple(stated)
+        if x.ndim != 1 + len(data_shape) or tuple(x.shape[1:]) != data_shape or x.shape[0] < 1:
+            shape = ", ".join(map(str, data_shape))
+            raise ValueError(f"x must have shape [B, {shape}] with B >= 1, got {tuple(x.shape)}")
     if not _trusted:
         check_values(x, data_support(model, x))
     return x
