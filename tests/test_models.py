@@ -402,3 +402,9 @@ def test_vae_is_built_from_its_parts_names_and_options():
     assert isinstance(model.posterior, DiagonalGaussian) and model.posterior.min_scale == 0.01
     assert isinstance(model.likelihood, LearnedGaussianLikelihood) and model.likelihood.raw_scale.shape == ()
     assert model.encoder.body[0].out_features == 5
+
+
+def test_a_config_saved_when_iwae_2layer_was_an_architecture_still_loads():
+    saved = {"architecture": "iwae-2layer", "latent_dim": 50, "likelihood": "bernoulli"}  # as runs saved it before
+    config = TrainConfig.from_dict(saved)
+    assert (config.model, config.architecture, config.latent_dim) == ("iwae-2layer", "mlp", 150)
