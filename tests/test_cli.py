@@ -183,6 +183,8 @@ def test_offline_error_names_the_files_and_places(tmp_path):
         (["train", "--k", "0"], "k must be an integer >= 1"),
         (["train", "--objective", "nope"], "invalid choice"),
         (["train", "--architecture-options", "[1]"], "expected a JSON object"),
+        (["train", "--prior-options", '{"components": 3}'], "unknown prior_options 'components'"),
+        (["train", "--model", "iwae-2layer"], "has 150 latent units"),
         (["train", "--config", "/nonexistent.toml"], "not found"),
         (["eval", "/nonexistent-run"], "not a directory"),
         (["sample", "."], "config.json is missing"),
@@ -192,6 +194,24 @@ def test_user_errors_are_one_line_without_traceback(args, message, tmp_path):
     proc = vaelab(*args, env=data_env(), timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_config_file_with_a_bad_form_is_refused_before_any_data_is_read(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('form = "bogus"\n')
+    proc = vaelab("train", "--config", config, "--out", tmp_path / "run", env=data_env(), timeout=60)
+    assert proc.returncode == 2
+    assert "unknown form 'bogus'; choose from joint, entropy, kl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_flags_are_typed_from_the_config_fields_type_hints():
+    from vaelab.cli import build_parser, resolve_config
+
+    argv = ["train", "--max-steps", "none", "--grad-clip", "0.5", "--no-binarize", "--latent-dim", "3"]
+    argv += ["--prior", "mixture-of-gaussians", "--prior-options", '{"components": 2}', "--model", "vae"]
+    config = resolve_config(build_parser().parse_args(argv))
+    assert config.max_steps is None and config.grad_clip == 0.5 and config.binarize is False
+    assert config.latent_dim == 3 and config.prior_options == {"components": 2}
 
 
 def test_debug_shows_the_traceback():
@@ -229,9 +249,30 @@ def test_eval_of_a_gaussian_model_includes_the_exact_ppca_baseline(tmp_path):
     data = tmp_path / "points.npz"
     np.savez(data, x=x[:240].clip(0, 1).astype("float32"), x_test=x[240:].clip(0, 1).astype("float32"))
     run = tmp_path / "run"
-    vaelab("train", "--dataset", data, "--likelihood", "gaussian", "--likelihood-options", '{"scale": 0.05}',
-           "--latent-dim", "2", "--architecture-options", '{"hidden": [16]}', "--max-steps", "30", "--batch-size", "40",
-           "--validation-size", "40", "--out", run, "--no-progress", env=data_env(), check=True)
+    vaelab(
+        "train",
+        "--dataset",
+        data,
+        "--likelihood",
+        "gaussian",
+        "--likelihood-options",
+        '{"scale": 0.05}',
+        "--latent-dim",
+        "2",
+        "--architecture-options",
+        '{"hidden": [16]}',
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "40",
+        "--validation-size",
+        "40",
+        "--out",
+        run,
+        "--no-progress",
+        env=data_env(),
+        check=True,
+    )
     out = tmp_path / "eval.json"
     vaelab("eval", run, "--k", "50", "--fast", "--json", out, "--no-progress", env=data_env(), check=True)
     result = json.loads(out.read_text())
@@ -251,14 +292,35 @@ def test_compare_shows_latent_usage_against_beta(tmp_path):
     runs = []
     for beta in (4.0, 0.5):
         run = tmp_path / f"beta{beta}"
-        vaelab("train", "--dataset", data, "--latent-dim", "3", "--architecture-options", '{"hidden": [32]}',
-               "--schedule", "constant", "--schedule-options", json.dumps({"value": beta}), "--max-steps", "40",
-               "--batch-size", "20", "--validation-size", "40", "--out", run, "--no-progress",
-               env=data_env(), check=True)
+        vaelab(
+            "train",
+            "--dataset",
+            data,
+            "--latent-dim",
+            "3",
+            "--architecture-options",
+            '{"hidden": [32]}',
+            "--schedule",
+            "constant",
+            "--schedule-options",
+            json.dumps({"value": beta}),
+            "--max-steps",
+            "40",
+            "--batch-size",
+            "20",
+            "--validation-size",
+            "40",
+            "--out",
+            run,
+            "--no-progress",
+            env=data_env(),
+            check=True,
+        )
         runs.append(run)
     out, picture = tmp_path / "compare.json", tmp_path / "compare.png"
-    proc = vaelab("compare", *runs, "--examples", "40", "--k", "20", "--json", out, "--out", picture,
-                  env=data_env(), check=True)
+    proc = vaelab(
+        "compare", *runs, "--examples", "40", "--k", "20", "--json", out, "--out", picture, env=data_env(), check=True
+    )
     rows = json.loads(out.read_text())
     assert [r["beta"] for r in rows] == [0.5, 4.0]  # sorted by the final KL weight
     for r in rows:

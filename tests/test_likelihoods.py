@@ -13,8 +13,9 @@ import pytest
 import scipy.special
 import scipy.stats
 import torch
-from torch.distributions import constraints
+from torch.distributions import Laplace, constraints
 
+from vaelab.config import TrainConfig, build_model
 from vaelab.estimators import check_data
 from vaelab.likelihoods import (
     LIKELIHOODS,
@@ -22,8 +23,10 @@ from vaelab.likelihoods import (
     ContinuousBernoulliLikelihood,
     GaussianLikelihood,
     LearnedGaussianLikelihood,
+    Likelihood,
 )
 from vaelab.models import VAE
+from vaelab.nets import init_decoder_bias
 from vaelab.priors import StandardNormal
 from vaelab.tolerance import reduction_error_bound
 
@@ -372,3 +375,54 @@ def test_bernoulli_compiled_log_prob_gradient_passes_gradcheck(fresh_dynamo):
     logits = (3 * torch.randn(4, 10, generator=g, dtype=torch.float64)).requires_grad_()
     x = torch.rand(4, 10, generator=g, dtype=torch.float64).requires_grad_()  # gradcheck needs a continuous x too
     assert torch.autograd.gradcheck(_compiled_log_prob(likelihood), (logits, x))
+
+
+# --- the facts each likelihood class carries (nothing elsewhere keys on its name) -----------------------------------
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_binary_and_density_on_reals_agree_with_the_support(name):
+    cls = LIKELIHOODS[name]
+    assert cls.binary == (cls.support is constraints.boolean)
+    assert cls.density_on_reals == (cls.support is constraints.real)
+    assert TrainConfig(likelihood=name).binarizes == cls.binary  # binarize=None: the likelihood decides
+    assert TrainConfig(likelihood=name, binarize=not cls.binary).binarizes == (not cls.binary)  # as set
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_bias_from_mean_gives_the_decoder_output_of_that_mean(name):
+    """The output is what, at initialisation, makes p(x|z) have the data's mean (for the continuous Bernoulli: its
+    parameter lambda, which is not its mean)."""
+    mean = torch.linspace(0.01, 0.99, 6, dtype=torch.float64)
+    likelihood = LIKELIHOODS[name]((6,))
+    dist = likelihood(likelihood.bias_from_mean(mean)).base_dist
+    fitted = dist.probs if isinstance(likelihood, ContinuousBernoulliLikelihood) else dist.mean
+    torch.testing.assert_close(fitted.detach(), mean, rtol=1e-12, atol=1e-12)
+
+
+class LaplaceLikelihood(Likelihood):
+    """A likelihood a user adds: p(x|z) = prod_i Laplace(x_i; mean_i, scale), a density on R^D."""
+
+    bias_from_mean = staticmethod(lambda mean: mean)  # the decoder outputs the location (= the mean)
+
+    def __init__(self, data_shape, scale: float = 1.0):
+        super().__init__(data_shape)
+        self.scale = float(scale)
+
+    def forward(self, loc):
+        return self._independent(Laplace(loc, torch.full_like(loc, self.scale)))
+
+
+def test_a_new_likelihood_is_one_class_and_one_registry_line(monkeypatch):
+    monkeypatch.setitem(LIKELIHOODS, "test-laplace", LaplaceLikelihood)
+    config = TrainConfig(likelihood="test-laplace", likelihood_options={"scale": 0.5}, latent_dim=2)
+    assert not config.binarizes
+    with pytest.raises(ValueError, match="unknown likelihood_options 'width' for likelihood 'test-laplace'; it takes"):
+        TrainConfig(likelihood="test-laplace", likelihood_options={"width": 0.5})
+    model = build_model(config, (4,)).double()
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    z = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    expected = scipy.stats.laplace.logpdf(x.numpy(), loc=model.decoder(z).detach().numpy(), scale=0.5).sum(-1)
+    np.testing.assert_allclose(model.decode(z).log_prob(x).detach().numpy(), expected, rtol=1e-12)
+    mean = torch.linspace(-1, 1, 4, dtype=torch.float64)
+    init_decoder_bias(model.output_net, mean, model.likelihood)
+    torch.testing.assert_close(model.decoder.output_layer.bias.detach(), mean)

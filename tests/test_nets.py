@@ -319,7 +319,7 @@ def test_compiled_tanh_is_atens_kernel_with_the_same_values_and_gradients(fresh_
     from torch._inductor.utils import run_and_get_code
 
     g = torch.Generator().manual_seed(0)
-    from vaelab.nets import ATEN_TANH_MIN_VALUES
+    from vaelab._fast import ATEN_TANH_MIN_VALUES
 
     rows = ATEN_TANH_MIN_VALUES // 33 + 1  # large enough for the ATen call
     layer = nn.Sequential(nn.Linear(7, 33), ACTIVATIONS["tanh"]()).to(dtype)

@@ -151,6 +151,20 @@ def test_small_run_learns_and_writes_everything(tmp_path):
     assert events and all(p.stat().st_size > 0 for p in events)
 
 
+def test_train_takes_a_model_built_by_hand_and_trains_that_object(tmp_path):
+    config = small_config(max_steps=3, compile=False, eval_examples=20)
+    torch.manual_seed(1)
+    model = build_model(config, (DATA_DIM,))
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = Trainer(config, TRAIN, VALID, tmp_path, model=model)
+    assert trainer.model is model
+    assert all(torch.equal(value, start[name]) for name, value in model.state_dict().items())  # used as given
+    trainer.fit()
+    final = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(final[name], value) for name, value in model.state_dict().items())
+    assert not torch.equal(final["decoder.output_layer.weight"], start["decoder.output_layer.weight"])
+
+
 def test_metrics_after_resume_have_no_duplicated_steps(tmp_path):
     """A run that logged past its last checkpoint and died: resuming drops those lines and logs them again once."""
     config = small_config(max_steps=40, log_every=5, eval_every=10, checkpoint_every=20)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributions import Distribution
 
 from vaelab.diagnostics import NotApplicable, PerExample, is_real_support
+from vaelab.estimators import data_support
 from vaelab.evaluate import summarize
 from vaelab.models import LinearGaussian
 
@@ -47,18 +47,9 @@ class Baseline:
     description: str
 
 
-def decoder_distribution(model) -> Distribution:
-    """The model's p(x|z) at one latent point (z = 0): enough to read its support and event shape."""
-    parameter = next(model.parameters(), None)
-    dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
-    device = parameter.device if parameter is not None else None
-    with torch.no_grad():
-        return model.decode(torch.zeros(1, model.latent_dim, dtype=dtype, device=device))
-
-
 def density_on_real_space(model, data: torch.Tensor) -> str | None:
     """None if the model's p(x|z) is a density on R^D (so log p(x) is comparable with another one on R^D)."""
-    support = decoder_distribution(model).support
+    support = data_support(model, data)
     if is_real_support(support):
         return None
     return f"the model's p(x|z) has support {support}, not R^D: its log p(x) is not comparable with a density on R^D"

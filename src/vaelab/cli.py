@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,17 +52,22 @@ def _add_check(sub) -> None:
 
 
 # --- train ------------------------------------------------------------------------------------------------------
-def _config_flag_type(hint: str):
-    """argparse type for a TrainConfig field from its annotation string."""
-    if hint.startswith("dict"):
+def _config_flag_type(hint):
+    """argparse type for a TrainConfig field from its type (``typing.get_type_hints``): int, float, str, a dict (a JSON
+    object), or one of those or None (``X | None``: the word "none" gives None)."""
+    args = typing.get_args(hint)
+    if hint is dict or typing.get_origin(hint) is dict:
         return _json_object
-    if "int" in hint and "None" in hint:
-        return _optional(int)
-    if "float" in hint and "None" in hint:
-        return _optional(float)
-    if "str" in hint and "None" in hint:
-        return _optional(str)
-    return {"int": int, "float": float, "str": str}[hint]
+    if type(None) in args:
+        (kind,) = [a for a in args if a is not type(None)]
+        return _optional(kind)
+    if hint in (int, float, str):
+        return hint
+    raise TypeError(f"no command-line type for a config field of type {hint!r}")
+
+
+def _is_bool(hint) -> bool:
+    return hint is bool or set(typing.get_args(hint)) == {bool, type(None)}
 
 
 def _optional(kind):
@@ -98,33 +104,19 @@ def _add_train(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named starting config (default: none)")
     p.add_argument("--out", metavar="RUN_DIR", default="runs/vae", help="run directory (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    from vaelab.config import AUTO_COMPILE_SAMPLES, HIERARCHICAL, LR_DECAYS
-    from vaelab.estimators import ELBO_FORMS
-    from vaelab.likelihoods import LIKELIHOODS
-    from vaelab.nets import ARCHITECTURES
-    from vaelab.objectives import OBJECTIVES
-    from vaelab.priors import PRIORS
-    from vaelab.schedules import SCHEDULES
+    from vaelab.config import AUTO_COMPILE_SAMPLES, REGISTRIES
 
     none_means = {  # what a boolean field's default of None stands for
-        "binarize": "binarize iff the likelihood is Bernoulli",
+        "binarize": "binarize iff the likelihood's data are binary (e.g. Bernoulli)",
         "compile": f"compile runs on >= {AUTO_COMPILE_SAMPLES:,} training examples, where it repays itself",
     }
-    choices = {
-        "architecture": {**ARCHITECTURES, **HIERARCHICAL},
-        "prior": PRIORS,
-        "likelihood": LIKELIHOODS,
-        "objective": OBJECTIVES,
-        "schedule": SCHEDULES,
-        "lr_decay": LR_DECAYS,
-        "form": ELBO_FORMS,
-    }
     defaults = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
     group = p.add_argument_group("config fields (each overrides --preset and --config)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        if f.type in ("bool", "bool | None"):
+        if _is_bool(hints[f.name]):
             meaning = f": {none_means[f.name]}" if default is None and f.name in none_means else ""
             group.add_argument(
                 flag,
@@ -134,11 +126,11 @@ def _add_train(sub) -> None:
                 help=f"(default: {default}{meaning})",
             )
         else:
-            options = sorted(choices[f.name]) if f.name in choices else None
+            options = sorted(REGISTRIES[f.name]) if f.name in REGISTRIES else None
             group.add_argument(
                 flag,
                 dest=f.name,
-                type=_config_flag_type(f.type),
+                type=_config_flag_type(hints[f.name]),
                 default=None,
                 choices=options,
                 metavar="{" + ",".join(options) + "}" if options else f.name.upper(),
@@ -299,9 +291,10 @@ def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 def _baselines(run, x) -> dict:
     """Every baseline of :data:`vaelab.baselines.BASELINES` for this run, as JSON: result or "not applicable: ..."."""
     from vaelab.baselines import run_baselines
+    from vaelab.estimators import latent_dim
     from vaelab.report import as_json
 
-    return as_json(run_baselines(run.model, x, lambda: _load_splits(run.config).train, run.model.latent_dim))
+    return as_json(run_baselines(run.model, x, lambda: _load_splits(run.config).train, latent_dim(run.model)))
 
 
 def torch_seed(seed: int) -> None:
@@ -368,7 +361,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     run = _load(args.run_dir)
     torch_seed(args.seed)
     out = args.out or str(Path(args.run_dir) / "samples.png")
-    save_grid(out, sample_images(run.model, args.n), run.model.data_shape)
+    images = sample_images(run.model, args.n)  # [n, *data_shape]
+    save_grid(out, images, images.shape[1:])
     print(f"{args.n} samples from the prior written to {out}")
     return 0
 
@@ -379,7 +373,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     run = _load(args.run_dir)
     x = _eval_data(run, "test", args.n, args.seed)
     out = args.out or str(Path(args.run_dir) / "reconstructions.png")
-    save_grid(out, reconstruction_pairs(run.model, x), run.model.data_shape, ncol=len(x))
+    save_grid(out, reconstruction_pairs(run.model, x), x.shape[1:], ncol=len(x))
     print(f"{len(x)} test images (top row) and their reconstructions (bottom row) written to {out}")
     return 0
 

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from vaelab.hierarchical import HierarchicalVAE
+from vaelab.estimators import ELBO_FORMS
 from vaelab.likelihoods import LIKELIHOODS
-from vaelab.models import VAE
+from vaelab.models import MODELS
 from vaelab.nets import ARCHITECTURES
 from vaelab.objectives import OBJECTIVES
+from vaelab.posteriors import POSTERIORS
 from vaelab.priors import PRIORS
-from vaelab.schedules import SCHEDULES
+from vaelab.schedules import SCHEDULES, make_schedule
 
 
 @dataclass
@@ -31,11 +33,16 @@ class TrainConfig:
     data_dir: str | None = None  # where to look first (else VAELAB_DATA_DIR, the cache, system copies)
     validation_size: int = 10000  # examples carved from train (fixed seed) for validation
     max_examples: int | None = None  # truncate every split (quick runs)
-    # model
+    # model: a family of vaelab.models.MODELS, and its parts as {name, options} (each name a key of its registry,
+    # each options dict keyword arguments of what the name builds; see REGISTRIES and OPTIONS below)
+    model: str = "vae"  # key of vaelab.models.MODELS
     architecture: str = "mlp"  # key of vaelab.nets.ARCHITECTURES
     architecture_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden": [512, 256]}
     latent_dim: int = 32
     prior: str = "standard-normal"  # key of vaelab.priors.PRIORS
+    prior_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"components": 10}
+    posterior: str = "diagonal-gaussian"  # key of vaelab.posteriors.POSTERIORS
+    posterior_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"min_scale": 1e-4}
     likelihood: str = "bernoulli"  # key of vaelab.likelihoods.LIKELIHOODS
     likelihood_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"scale": 0.1}
     init_decoder_bias: bool = True  # start the decoder's output bias at the training-set pixel means
@@ -53,7 +60,8 @@ class TrainConfig:
     lr: float = 1e-3
     lr_decay: str = "none"  # "none" or "cosine" (to 0 at the last step)
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
-    binarize: bool | None = None  # dynamic binarization (a fresh Bernoulli draw of every batch); None: iff Bernoulli
+    binarize: bool | None = None  # dynamic binarization (a fresh Bernoulli draw of every batch); None: iff the
+    # likelihood's data are binary (its class's ``binary``, e.g. Bernoulli)
     # evaluation and bookkeeping
     seed: int = 0
     log_every: int = 50  # steps between train metric lines
@@ -75,13 +83,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name, registry in (
-            ("architecture", {**ARCHITECTURES, **HIERARCHICAL}),
-            ("prior", PRIORS),
-            ("likelihood", LIKELIHOODS),
-            ("objective", OBJECTIVES),
-            ("schedule", SCHEDULES),
-        ):
+        """Raise ``ValueError`` naming the first field that is wrong: a name not in its registry, options its target
+        does not take, a value out of range, or a setting the model family refuses (its ``check_config``)."""
+        for name, registry in REGISTRIES.items():
             if getattr(self, name) not in registry:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(registry)}")
         for name in ("latent_dim", "k", "batch_size", "log_every", "eval_k", "keep_last"):
@@ -103,17 +107,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true, false or None (automatic), got {self.compile!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        check_config = getattr(MODELS[self.model], "check_config", None)
+        if check_config is not None:
+            check_config(self)
+        for name in OPTIONS:  # after the model's own check, which may say it does not use them at all
+            check_options(self, name)
+        check_objective_options(self)
 
     @property
     def binarizes(self) -> bool:
-        """Whether batches are binarized: as set, or by default exactly when the likelihood is Bernoulli."""
-        return self.likelihood == "bernoulli" if self.binarize is None else self.binarize
+        """Whether batches are binarized: as set, or by default exactly when the likelihood's data are binary."""
+        return LIKELIHOODS[self.likelihood].binary if self.binarize is None else self.binarize
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -121,6 +129,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        if data.get("architecture") == "iwae-2layer":  # saved before the two-layer model became a model family
+            data = {**data, "model": "iwae-2layer", "architecture": "mlp", "latent_dim": 150}
         return cls(**data)
 
 
@@ -135,26 +145,88 @@ LR_DECAYS = {
 }
 
 
-# --- building a model from a config --------------------------------------------------------------------------------
-# Architectures that are whole models rather than (encoder, decoder) pairs: name -> builder(config, data_shape).
-HIERARCHICAL = {
-    "iwae-2layer": lambda config, data_shape: HierarchicalVAE.iwae_2layer(tuple(data_shape), config.likelihood),
+# --- the registries a config names, and what each *_options dict is passed to ------------------------------------
+# ONE map for TrainConfig.validate and the command line's choices: field -> the registry its value must be a key of.
+REGISTRIES: dict[str, Mapping[str, Any]] = {
+    "model": MODELS,
+    "architecture": ARCHITECTURES,
+    "prior": PRIORS,
+    "posterior": POSTERIORS,
+    "likelihood": LIKELIHOODS,
+    "objective": OBJECTIVES,
+    "schedule": SCHEDULES,
+    "lr_decay": LR_DECAYS,
+    "form": dict.fromkeys(ELBO_FORMS),
+}
+
+# field -> (the field naming what the options go to, the arguments the builder passes itself): the options must be
+# keyword parameters of that class or function, other than those.
+OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "architecture_options": ("architecture", ("data_shape", "latent_dim")),
+    "prior_options": ("prior", ("latent_dim",)),
+    "posterior_options": ("posterior", ()),
+    "likelihood_options": ("likelihood", ("data_shape",)),
+    "schedule_options": ("schedule", ()),
 }
 
 
+def option_names(target: Any, supplied: Sequence[str] = ()) -> list[str] | None:
+    """The keyword parameters a class or function takes, less ``supplied``; None if it takes any (``**kwargs``)."""
+    parameters = inspect.signature(target).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in keyword and p.name not in supplied]
+
+
+def check_options(config: TrainConfig, field_name: str) -> None:
+    """Raise ``ValueError`` if ``config.<field_name>`` is not a dict of keyword arguments its target takes."""
+    options = getattr(config, field_name)
+    if not isinstance(options, dict):
+        raise ValueError(f"{field_name} must be a dict (a JSON object / TOML table), got {options!r}")
+    owner, supplied = OPTIONS[field_name]
+    name = getattr(config, owner)
+    valid = option_names(REGISTRIES[owner][name], supplied)
+    unknown = [] if valid is None else sorted(set(options) - set(valid))
+    if unknown:
+        takes = f"it takes {', '.join(valid)}" if valid else "it takes none"
+        raise ValueError(f"unknown {field_name} {', '.join(map(repr, unknown))} for {owner} {name!r}; {takes}")
+
+
+def check_objective_options(config: TrainConfig) -> None:
+    """Refuse, when the config is built, keyword arguments the objective would refuse at its first step: missing,
+    unknown, or set both by ``objective_options`` and by the schedule (which also checks ``schedule_options``)."""
+    objective = OBJECTIVES[config.objective]
+    parameters = inspect.signature(objective).parameters
+    options = dict(config.objective_options)
+    if "form" in parameters:  # the config's form goes to the objectives that take one (as the Trainer passes it)
+        options.setdefault("form", config.form)
+    from_schedule = make_schedule(config.schedule, **config.schedule_options).objective_kwargs(0)
+    keyword = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+    name = f"the {config.objective!r} objective"
+    twice = sorted(set(options) & set(from_schedule))
+    if twice:
+        raise ValueError(
+            f"{', '.join(twice)} of {name} is set by the {config.schedule!r} schedule: set it through schedule_options "
+            f"(--schedule-options), not objective_options"
+        )
+    unknown = sorted(set(options) - keyword)
+    if unknown:
+        choices = sorted(keyword - set(from_schedule) - {"k", "q"})
+        raise ValueError(f"unknown objective_options {', '.join(unknown)} for {name}; it takes {', '.join(choices)}")
+    supplied = {"k", *options, *from_schedule}
+    missing = [n for n, p in parameters.items() if n in keyword and p.default is p.empty and n not in supplied]
+    if missing:
+        where = f"objective_options (--objective-options '{{\"{missing[0]}\": ...}}')"
+        if set(missing) <= {"capacity", "gamma"}:  # what the capacity schedule supplies at every step
+            where = f"the capacity schedule (--schedule capacity), or {where}"
+        raise ValueError(f"{name} needs {', '.join(missing)}: set {'it' if len(missing) == 1 else 'them'} with {where}")
+
+
 def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:
-    """The model a config describes, for data of shape ``data_shape`` (weights freshly initialised)."""
-    if config.architecture in HIERARCHICAL:
-        return HIERARCHICAL[config.architecture](config, data_shape)
-    encoder, decoder = ARCHITECTURES[config.architecture](
-        tuple(data_shape), config.latent_dim, **config.architecture_options
-    )
-    return VAE(
-        prior=PRIORS[config.prior](config.latent_dim),
-        encoder=encoder,
-        decoder=decoder,
-        likelihood=LIKELIHOODS[config.likelihood](tuple(data_shape), **config.likelihood_options),
-    )
+    """The model a config describes, for data of shape ``data_shape`` (weights freshly initialised): the family
+    ``config.model`` of :data:`vaelab.models.MODELS` builds itself."""
+    return MODELS[config.model].from_config(config, tuple(data_shape))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,8 +252,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 100,
     },
     "iwae-2layer": {
-        "architecture": "iwae-2layer",
-        "latent_dim": 50,
+        "model": "iwae-2layer",
+        "latent_dim": 150,  # z1: 100 and z2: 50 units
         "likelihood": "bernoulli",
         "binarize": True,
         "validation_size": 0,

@@ -63,20 +63,71 @@ def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
 
 
 def check_data(model, x: torch.Tensor) -> torch.Tensor:
-    """Validate a batch ``x: [B, *model.data_shape]``: a finite floating tensor inside the likelihood's support.
+    """Validate a batch ``x: [B, *data_shape]``: a finite floating tensor inside the data's support.
 
-    Inside :func:`trusted_data` only the type and shape are checked: the caller has checked the values once.
+    The data shape is ``x``'s own (``x.shape[1:]``), checked against ``model.data_shape`` where the model states
+    one; the support is :func:`data_support`'s. Inside :func:`trusted_data` only the type and shape are checked: the
+    caller has checked the values once.
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    data_shape = tuple(model.data_shape)
-    if x.ndim != 1 + len(data_shape) or tuple(x.shape[1:]) != data_shape or x.shape[0] < 1:
-        raise ValueError(f"x must have shape [B, {', '.join(map(str, data_shape))}] with B >= 1, got {tuple(x.shape)}")
+    stated = getattr(model, "data_shape", None)
+    if stated is None:  # the model does not say: any [B, *data_shape] with B >= 1
+        if x.ndim < 2 or x.shape[0] < 1:
+            raise ValueError(f"x must have shape [B, *data_shape] with B >= 1, got {tuple(x.shape)}")
+    else:
+        data_shape = tuple(stated)
+        if x.ndim != 1 + len(data_shape) or tuple(x.shape[1:]) != data_shape or x.shape[0] < 1:
+            shape = ", ".join(map(str, data_shape))
+            raise ValueError(f"x must have shape [B, {shape}] with B >= 1, got {tuple(x.shape)}")
     if not _trusted:
-        check_values(x, model.data_support)
+        check_values(x, data_support(model, x))
     return x
+
+
+def latent_dim(model) -> int:
+    """d, the size of the model's latent vector: ``model.latent_dim`` if stated, else the prior's event shape ``[d]``.
+
+    Raises ValueError, naming ``latent_dim``, when the prior's event shape is not one dimension.
+    """
+    stated = getattr(model, "latent_dim", None)
+    if stated is not None:
+        return int(stated)
+    event = tuple(model.prior.event_shape)
+    if len(event) != 1:
+        raise ValueError(
+            f"cannot tell the model's latent_dim: its prior has event shape {list(event)}, not [d]; give the prior "
+            "event shape [d] (e.g. torch.distributions.Independent(..., 1)) or the model a latent_dim attribute"
+        )
+    return event[0]
+
+
+def data_support(model, x: torch.Tensor) -> constraints.Constraint:
+    """The values an example may take: ``model.data_support`` if stated, else the support of ``model.decode(z)`` at
+    z = 0 (no random draw), without the ``independent`` wrapper, e.g. ``constraints.boolean`` for Bernoulli pixels.
+    ``x`` (a batch) gives the dtype and device of that z.
+
+    Raises ValueError, naming ``data_support``, when the decoder's distribution does not state its support.
+    """
+    stated = getattr(model, "data_support", None)
+    if stated is not None:
+        return stated
+    with torch.no_grad():
+        z = x.new_zeros(1, latent_dim(model))  # (1, d)
+        try:
+            support = model.decode(z).support
+        except NotImplementedError:
+            support = None
+    if support is None:
+        raise ValueError(
+            "cannot tell the data's support: model.decode(z) has no support; give the model a data_support "
+            "attribute (a torch.distributions.constraints object, e.g. constraints.real)"
+        )
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support
 
 
 def check_values(
@@ -136,7 +187,7 @@ _BOUNDED_SUPPORTS = (constraints.boolean, constraints.unit_interval)
 
 def _posterior(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
     q = model.encode(x) if q is None else q
-    batch, event = (x.shape[0],), (model.latent_dim,)
+    batch, event = (x.shape[0],), (latent_dim(model),)
     if tuple(q.batch_shape) != batch or tuple(q.event_shape) != event:
         raise ValueError(
             f"q must have batch shape {list(batch)} and event shape {list(event)}, "
@@ -448,7 +499,7 @@ def pareto_khat(top_log_weights: torch.Tensor) -> torch.Tensor:
 
 def _auto_chunk(model, x: torch.Tensor, k: int, *, compiled: bool = False) -> int:
     """Samples per chunk: on CPU a few MiB of decoder output (caches decide); on a GPU, from its free memory."""
-    per_sample = x.shape[0] * max(math.prod(model.data_shape), model.latent_dim)
+    per_sample = x.shape[0] * max(math.prod(x.shape[1:]), latent_dim(model))
     elements = _AUTO_CHUNK_ELEMENTS_COMPILED if compiled else _AUTO_CHUNK_ELEMENTS
     if x.device.type == "cuda":  # large kernels pay on a GPU: 1/_CUDA_TEMPORARIES of the free memory per tensor
         free, _ = torch.cuda.mem_get_info(x.device)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vaelab.estimators import ELBO_FORMS, LogMarginal, elbo_integrands, log_marginal, pareto_k_threshold
+from vaelab.estimators import ELBO_FORMS, LogMarginal, elbo_integrands, latent_dim, log_marginal, pareto_k_threshold
 from vaelab.posteriors import distribution_mean, is_factorised_gaussian, kl_per_dimension
 from vaelab.progress import progress_bar
 
@@ -49,7 +49,7 @@ def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, 
     variance = torch.cat(means).double().var(0)
     result: dict[str, Any] = {
         "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
-        "latent_dim": int(model.latent_dim),
+        "latent_dim": latent_dim(model),
         "posterior_mean_variance": variance.cpu().tolist(),
         "kl_per_dim": None,
     }

@@ -14,15 +14,19 @@ registered KL: the estimators fall back to Monte Carlo (log q(z) - log p(z) on t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, constraints
 
 from vaelab.likelihoods import LIKELIHOODS, Likelihood
+from vaelab.models import refuse_unused, register_model
 from vaelab.nets import iwae_2layer_nets
 from vaelab.posteriors import DiagonalGaussian
+
+if TYPE_CHECKING:
+    from vaelab.config import TrainConfig
 
 NET_NAMES: tuple[str, ...] = ("q_z1_x", "q_z2_z1", "p_z1_z2", "p_x_z1")
 """The four networks of a :class:`HierarchicalVAE`, as in :func:`vaelab.nets.iwae_2layer_nets`."""
@@ -112,6 +116,7 @@ class TwoLayerChain(Distribution):
         return f"{type(self).__name__}(batch_shape={list(self.batch_shape)}, z1={d1}, z2={d2}, sampled {order})"
 
 
+@register_model("iwae-2layer")
 class HierarchicalVAE(nn.Module):
     """Two stochastic layers z1 (``d1``), z2 (``d2``); the latent vector the estimators see is concat(z1, z2).
 
@@ -209,19 +214,57 @@ class HierarchicalVAE(nn.Module):
         params = self.nets["p_x_z1"](z1.reshape(-1, z1.shape[-1]))  # (N, ...) with N = prod(lead)
         return self.likelihood(params.reshape(*lead, *self.data_shape))
 
+    @property
+    def output_net(self) -> nn.Module:
+        """The network whose last layer (``output_layer``) produces the likelihood's parameters: p(x | z1)'s."""
+        return self.nets["p_x_z1"]
+
     # --- constructors ------------------------------------------------------------------------------------------
+    # The paper's sizes: z1 of 100 units, z2 of 50; the estimators see concat(z1, z2), 150 units.
+    IWAE_LATENT_DIMS: ClassVar[tuple[int, int]] = (100, 50)
+
     @classmethod
-    def iwae_2layer(cls, data_shape: Sequence[int] = (784,), likelihood: str = "bernoulli") -> HierarchicalVAE:
+    def iwae_2layer(
+        cls, data_shape: Sequence[int] = (784,), likelihood: str = "bernoulli", **likelihood_options
+    ) -> HierarchicalVAE:
         """The paper's two-stochastic-layer model: 784-200-200-100(z1)-100-100-50(z2), tanh (Burda et al., 2016).
 
         Networks from :func:`vaelab.nets.iwae_2layer_nets`. The paper starts the decoder's output bias at the
-        training data's mean: ``vaelab.nets.init_decoder_bias(model.nets["p_x_z1"], pixel_mean, likelihood)``.
+        training data's mean: ``vaelab.nets.init_decoder_bias(model.output_net, pixel_mean, model.likelihood)``.
 
         Args:
             data_shape: 784 values in any shape, e.g. ``(784,)`` or ``(1, 28, 28)``.
-            likelihood: a key of :data:`vaelab.likelihoods.LIKELIHOODS`.
+            likelihood: a key of :data:`vaelab.likelihoods.LIKELIHOODS`, built with ``likelihood_options``.
         """
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {sorted(LIKELIHOODS)}")
-        nets = iwae_2layer_nets(data_shape)
-        return cls(nets, LIKELIHOODS[likelihood](data_shape), latent_dims=(100, 50))
+        nets = iwae_2layer_nets(data_shape, latent_dim=cls.IWAE_LATENT_DIMS[1])
+        return cls(nets, LIKELIHOODS[likelihood](data_shape, **likelihood_options), latent_dims=cls.IWAE_LATENT_DIMS)
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        """Refuse what the paper's model does not use: its prior, posterior and networks are fixed, its latent
+        vector has 150 units (z1: 100, z2: 50). It honours ``likelihood`` and ``likelihood_options``."""
+        refuse_unused(
+            config,
+            "iwae-2layer",
+            {
+                "architecture": "its four networks are fixed",
+                "architecture_options": "its four networks are fixed",
+                "prior": "its prior is p(z2) = N(0, I) times the learned p(z1 | z2)",
+                "prior_options": "its prior is fixed",
+                "posterior": "q(z1 | x) q(z2 | z1) are diagonal Gaussians",
+                "posterior_options": "its posterior is fixed",
+            },
+        )
+        total = sum(cls.IWAE_LATENT_DIMS)
+        if config.latent_dim != total:
+            raise ValueError(
+                f"the 'iwae-2layer' model has {total} latent units (z1: {cls.IWAE_LATENT_DIMS[0]}, z2: "
+                f"{cls.IWAE_LATENT_DIMS[1]}); got latent_dim={config.latent_dim}: set latent_dim={total}"
+            )
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, data_shape: Sequence[int]) -> HierarchicalVAE:
+        cls.check_config(config)
+        return cls.iwae_2layer(tuple(data_shape), config.likelihood, **config.likelihood_options)

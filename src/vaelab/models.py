@@ -1,17 +1,28 @@
-"""Latent-variable models p(x, z) = p(z) p(x|z) behind one interface.
+"""Latent-variable models p(x, z) = p(z) p(x|z) behind one interface, and :data:`MODELS`, the registry of them.
 
 Every model exposes
 
 * ``model.prior`` -> Distribution over z: batch ``[]``, event ``[d]``;
 * ``model.encode(x)`` -> q(z|x) for ``x: [B, *data_shape]``: batch ``[B]``, event ``[d]``, with ``rsample``;
-* ``model.decode(z)`` -> p(x|z) for ``z: [*S, d]``: batch ``S``, event ``data_shape`` (so ``z: [K, B, d]`` works);
-* ``model.data_shape`` (``torch.Size``), ``model.latent_dim`` (int) and ``model.data_support`` (a constraint).
+* ``model.decode(z)`` -> p(x|z) for ``z: [*S, d]``: batch ``S``, event ``data_shape`` (so ``z: [K, B, d]`` works).
 
-The estimators in :mod:`vaelab.estimators` need nothing else. :class:`LinearGaussian` adds exact ``log p(x)`` and the
-exact posterior, so every estimator can be checked against the truth.
+The estimators in :mod:`vaelab.estimators` need nothing else: the data shape comes from the data, d from the prior's
+event shape, the data's support from the decoder distribution's ``support``. A model may state them
+(``model.data_shape``, ``model.latent_dim``, ``model.data_support``): then the estimators check the data against
+them without a decoder pass. :class:`LinearGaussian` adds exact ``log p(x)`` and the exact posterior, so every
+estimator can be checked against the truth.
+
+To train a model from a :class:`~vaelab.config.TrainConfig` (``model="name"``), register its class with
+:func:`register_model`: the class then builds itself with ``from_config(config, data_shape)`` and may refuse a
+config it cannot honour with ``check_config(config)`` (called when the config is built). :func:`vaelab.train.train`
+also takes a model built by hand (``model=...``).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,10 +35,60 @@ from torch.distributions import (
     constraints,
 )
 
-from vaelab.likelihoods import Likelihood
-from vaelab.posteriors import DiagonalGaussian
+from vaelab.likelihoods import LIKELIHOODS, Likelihood
+from vaelab.nets import ARCHITECTURES
+from vaelab.posteriors import POSTERIORS, DiagonalGaussian
+from vaelab.priors import PRIORS
+
+if TYPE_CHECKING:
+    from vaelab.config import TrainConfig
+
+MODELS: dict[str, type[nn.Module]] = {}
+"""Model families by name (the config's ``model`` field): classes with ``from_config(config, data_shape)``."""
 
 
+def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: add a model family to :data:`MODELS` under ``name`` (usable from any module).
+
+    The class must have a classmethod ``from_config(config, data_shape) -> model`` (weights freshly initialised); it
+    may have a classmethod ``check_config(config)`` raising ``ValueError`` for a config it cannot honour, which
+    :meth:`TrainConfig.validate <vaelab.config.TrainConfig.validate>` calls. Registering a second class under a
+    taken name is an error.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a model name must be a non-empty string, got {name!r}")
+
+    def register(cls: type[nn.Module]) -> type[nn.Module]:
+        if not callable(getattr(cls, "from_config", None)):
+            raise ValueError(f"{cls.__name__} needs a classmethod from_config(config, data_shape) to be registered")
+        if MODELS.get(name, cls) is not cls:
+            raise ValueError(f"model name {name!r} is taken by {MODELS[name].__name__}")
+        MODELS[name] = cls
+        return cls
+
+    return register
+
+
+def refuse_unused(config: TrainConfig, model: str, unused: Mapping[str, str]) -> None:
+    """Raise ``ValueError`` if a config field ``model`` does not use differs from its default.
+
+    Args:
+        unused: field name -> why the model does not use it (ends the message).
+    """
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(config)
+    }
+    for name, why in unused.items():
+        value = getattr(config, name)
+        if value != defaults[name]:
+            raise ValueError(
+                f"the {model!r} model does not use {name} ({why}); got {name}={value!r}: leave it at its default "
+                f"{defaults[name]!r}"
+            )
+
+
+@register_model("vae")
 class VAE(nn.Module):
     """A deep latent-variable model with an amortized encoder.
 
@@ -57,6 +118,26 @@ class VAE(nn.Module):
         self.latent_dim = int(prior.latent_dim)
         self.data_shape = likelihood.data_shape
         self.data_support = likelihood.support
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, data_shape: Sequence[int]) -> VAE:
+        """The VAE ``config`` describes: each part ``{name, options}`` looked up in its registry
+        (:data:`~vaelab.nets.ARCHITECTURES`, :data:`~vaelab.priors.PRIORS`, :data:`~vaelab.posteriors.POSTERIORS`,
+        :data:`~vaelab.likelihoods.LIKELIHOODS`), for data of shape ``data_shape``."""
+        shape = tuple(data_shape)
+        encoder, decoder = ARCHITECTURES[config.architecture](shape, config.latent_dim, **config.architecture_options)
+        return cls(
+            prior=PRIORS[config.prior](config.latent_dim, **config.prior_options),
+            encoder=encoder,
+            decoder=decoder,
+            likelihood=LIKELIHOODS[config.likelihood](shape, **config.likelihood_options),
+            posterior=POSTERIORS[config.posterior](**config.posterior_options),
+        )
+
+    @property
+    def output_net(self) -> nn.Module:
+        """The network whose last layer (``output_layer``) produces the likelihood's parameters."""
+        return self.decoder
 
     @property
     def prior(self) -> Distribution:
@@ -208,3 +289,7 @@ class LinearGaussian(nn.Module):
         noise_var = noise_var.clamp_min(floor)
         weight = evecs[:, :latent_dim] * (evals[:latent_dim] - noise_var).clamp_min(0).sqrt()
         return cls(weight, mean, noise_var)
+
+
+# The families defined in other modules register themselves on import (at the end: they import this module).
+import vaelab.hierarchical  # noqa: E402, F401  ("iwae-2layer")

@@ -25,54 +25,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-
-@torch.library.custom_op("vaelab::tanh", mutates_args=())
-def _aten_tanh(x: torch.Tensor) -> torch.Tensor:
-    """``torch.tanh``, opaque to torch.compile: a compiled graph calls ATen's kernel for it (see :class:`Tanh`)."""
-    return torch.tanh(x)
-
-
-@_aten_tanh.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-class _CompiledTanh(torch.autograd.Function):
-    """tanh through :func:`_aten_tanh`, with its derivative written out from the output: 1 - tanh(x)^2."""
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return _aten_tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
+from vaelab import _fast
+from vaelab.likelihoods import LIKELIHOODS, Likelihood
 
 
 class Tanh(nn.Tanh):
-    """``nn.Tanh`` that keeps ATen's CPU kernel inside ``torch.compile``.
-
-    Inductor generates its own tanh for CPUs (SLEEF's, ~0.85 ns per value on this project's CPU) where ATen's
-    takes ~0.15-0.35 ns: for the iwae-1layer networks, the two tanh layers of every decoder pass were a fifth of a
-    compiled log p(x) sample. Compiled on CPU, a tanh of at least :data:`ATEN_TANH_MIN_VALUES` values is therefore an
-    opaque call to ATen's kernel (the same values as eager, bit for bit) with the derivative 1 - y^2; below that
-    the call's overhead costs more than it saves, and eagerly and on other devices it is plain ``torch.tanh``.
-    """
+    """``nn.Tanh``; compiled on CPU, a large input's tanh is ATen's kernel rather than Inductor's (same values, faster:
+    :func:`vaelab._fast.tanh`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() >= ATEN_TANH_MIN_VALUES:
-            return _CompiledTanh.apply(x)
-        return torch.tanh(x)
-
-
-# Measured (a compiled Linear -> tanh -> Linear): the ATen call broke even at ~25-30k values (100 x 200: 3 us slower,
-# 200 x 200: 8 us faster, 1000 x 200: 93 us faster per call)
-ATEN_TANH_MIN_VALUES = 32768
+        return _fast.tanh(x)
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -336,34 +298,18 @@ from :data:`ARCHITECTURES` (whose every entry plugs into :class:`~vaelab.models.
 
 
 # --- initialisation -----------------------------------------------------------------------------------------
-def _clamped_logit(mean: torch.Tensor) -> torch.Tensor:
-    return torch.logit(mean, eps=1e-3)  # logit(clamp(mean, 1e-3, 1 - 1e-3)): finite for always-off/on pixels
-
-
-def _identity(mean: torch.Tensor) -> torch.Tensor:
-    return mean
-
-
-# Keys follow vaelab.likelihoods.LIKELIHOODS: decoders output logits for the first two, the mean for the rest.
-_BIAS_FROM_MEAN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "bernoulli": _clamped_logit,
-    "continuous-bernoulli": _clamped_logit,
-    "gaussian": _identity,
-    "gaussian-learned": _identity,
-}
-_UNIT_INTERVAL_LIKELIHOODS = ("bernoulli", "continuous-bernoulli")
-
-
 @torch.no_grad()
-def init_decoder_bias(decoder: nn.Module, pixel_mean: torch.Tensor, likelihood: str = "bernoulli") -> None:
+def init_decoder_bias(
+    decoder: nn.Module, pixel_mean: torch.Tensor, likelihood: str | type[Likelihood] | Likelihood = "bernoulli"
+) -> None:
     """Set the bias of ``decoder.output_layer`` so that, at initialisation, the decoder outputs the data mean.
 
-    For Bernoulli and continuous-Bernoulli likelihoods the bias becomes logit(clamp(mean, 1e-3, 1 - 1e-3));
-    for Gaussian ones, the mean itself. The decoder then starts from the best image-independent fit (for
-    Bernoulli pixels, sigmoid(bias) = mean maximizes the likelihood) rather than from logits around 0, i.e.
-    every pixel at 1/2, which costs hundreds of nats per MNIST image and the first epochs spent removing them
-    (the IWAE code does the same, Burda et al., 2016). For the continuous Bernoulli, whose mean is not its
-    parameter lambda, lambda = mean is a good start, not the mean-matching value.
+    The likelihood says how (:attr:`vaelab.likelihoods.Likelihood.bias_from_mean`): for Bernoulli and
+    continuous-Bernoulli likelihoods the bias becomes logit(clamp(mean, 1e-3, 1 - 1e-3)); for Gaussian ones, the
+    mean itself. The decoder then starts from the best image-independent fit (for Bernoulli pixels, sigmoid(bias) =
+    mean maximizes the likelihood) rather than from logits around 0, i.e. every pixel at 1/2, which costs hundreds
+    of nats per MNIST image and the first epochs spent removing them (the IWAE code does the same, Burda et al.,
+    2016).
 
     A transposed-convolution output layer has one bias per channel, ``[C]``: it gets the transform of the
     channel's mean over pixels, ``logit(mean_hw(pixel_mean[c]))`` -- the maximum-likelihood Bernoulli
@@ -373,10 +319,17 @@ def init_decoder_bias(decoder: nn.Module, pixel_mean: torch.Tensor, likelihood: 
     Args:
         decoder: a network with ``output_layer`` (e.g. from :data:`ARCHITECTURES`); modified in place.
         pixel_mean: ``Tensor[*data_shape]``, the training data's mean per pixel (in [0, 1] for logits).
-        likelihood: a key of :data:`vaelab.likelihoods.LIKELIHOODS`.
+        likelihood: a key of :data:`vaelab.likelihoods.LIKELIHOODS`, or a :class:`~vaelab.likelihoods.Likelihood`
+            class or instance with a ``bias_from_mean`` rule.
     """
-    if likelihood not in _BIAS_FROM_MEAN:
-        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {sorted(_BIAS_FROM_MEAN)}")
+    if isinstance(likelihood, str):
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {sorted(LIKELIHOODS)}")
+        likelihood = LIKELIHOODS[likelihood]
+    to_bias = likelihood.bias_from_mean
+    if to_bias is None:
+        name = likelihood.__name__ if isinstance(likelihood, type) else type(likelihood).__name__
+        raise ValueError(f"{name} has no bias_from_mean rule: it cannot start the decoder at the data mean")
     layer = getattr(decoder, "output_layer", None)
     if not isinstance(layer, nn.Module) or getattr(layer, "bias", None) is None:
         raise ValueError(f"{type(decoder).__name__} has no output_layer with a bias to initialise")
@@ -387,9 +340,6 @@ def init_decoder_bias(decoder: nn.Module, pixel_mean: torch.Tensor, likelihood: 
         )
     if not bool(torch.isfinite(pixel_mean).all()):
         raise ValueError("pixel_mean contains NaN or inf")
-    if likelihood in _UNIT_INTERVAL_LIKELIHOODS and not bool(((pixel_mean >= 0) & (pixel_mean <= 1)).all()):
-        raise ValueError(f"a {likelihood} decoder needs pixel_mean in [0, 1]; is the data scaled to [0, 1]?")
-    to_bias = _BIAS_FROM_MEAN[likelihood]
     bias = layer.bias
     # compute in the wider of the two dtypes, so a float64 decoder gets float64-accurate logits
     dtype = torch.promote_types(pixel_mean.dtype, bias.dtype) if pixel_mean.is_floating_point() else bias.dtype

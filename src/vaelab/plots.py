@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch.distributions import Normal
 
+from vaelab.estimators import latent_dim
 from vaelab.posteriors import distribution_mean
 
 
@@ -117,7 +118,7 @@ def _show_grid(fig: Figure, grid: np.ndarray, title: str):
 def reconstructions_figure(model, x: torch.Tensor) -> Figure:
     """Inputs (top row) above their reconstructions E[x | z = E_q[z]] (bottom row); ``x``: ``[N, *data_shape]``."""
     fig = new_figure((6.0, 2.0))
-    grid = image_grid(reconstruction_pairs(model, x), model.data_shape, ncol=len(x))
+    grid = image_grid(reconstruction_pairs(model, x), x.shape[1:], ncol=len(x))
     _show_grid(fig, grid, "Test inputs (top) and their reconstructions (bottom)")
     return fig
 
@@ -125,7 +126,8 @@ def reconstructions_figure(model, x: torch.Tensor) -> Figure:
 def samples_figure(model, n: int = 64) -> Figure:
     """``n`` draws z ~ p(z), shown as E[x | z]."""
     fig = new_figure((5.0, 5.0))
-    _show_grid(fig, image_grid(sample_images(model, n), model.data_shape), f"{n} samples z ~ p(z), shown as E[x | z]")
+    images = sample_images(model, n)  # [n, *data_shape]
+    _show_grid(fig, image_grid(images, images.shape[1:]), f"{n} samples z ~ p(z), shown as E[x | z]")
     return fig
 
 
@@ -144,7 +146,7 @@ def prior_quantiles(model, probs: torch.Tensor, *, draws: int = 4000) -> torch.T
     """
     prior = model.prior
     base = getattr(prior, "base_dist", None)
-    if isinstance(base, Normal) and prior.event_shape == torch.Size([model.latent_dim]):
+    if isinstance(base, Normal) and prior.event_shape == torch.Size([latent_dim(model)]):
         standard = Normal(0.0, 1.0).icdf(probs.double()).to(base.loc.dtype).to(base.loc.device)
         return base.loc + base.scale * standard[:, None]  # [S, d]
     samples = prior.sample((draws,))  # [draws, d]
@@ -172,15 +174,15 @@ def traversal_figure(
     if variance is None:
         variance = posterior_means(model, x).double().var(0).tolist()
     variance = torch.as_tensor(variance, dtype=torch.float64)
-    order = variance.argsort(descending=True)[: min(dims, model.latent_dim)].tolist()
+    order = variance.argsort(descending=True)[: min(dims, latent_dim(model))].tolist()
     base = posterior_means(model, x[:1])[0]  # [d]
     values = prior_quantiles(model, _even_probs(steps)).to(base)  # [steps, d]
     z = base.repeat(len(order), steps, 1)  # [rows, steps, d]
     for row, j in enumerate(order):
         z[row, :, j] = values[:, j]
-    images = decoded_mean(model, z.reshape(-1, model.latent_dim))
+    images = decoded_mean(model, z.reshape(-1, z.shape[-1]))
     fig = new_figure((6.0, max(3.0, 0.55 * len(order) + 1.2)))
-    ax = _show_grid(fig, image_grid(images, model.data_shape, ncol=steps), "Latent traversals (most active dimensions)")
+    ax = _show_grid(fig, image_grid(images, x.shape[1:], ncol=steps), "Latent traversals (most active dimensions)")
     cell = ax.get_images()[0].get_array().shape[0] / len(order)  # pixels per row of the grid
     ax.set_yticks([cell * (r + 0.5) for r in range(len(order))])
     ax.set_yticklabels([f"z{j + 1} (var {variance[j]:.2f})" for j in order], fontsize=8)
@@ -193,17 +195,18 @@ def manifold_figure(model, *, n: int = 15) -> Figure:
     """The decoded manifold of a 2-D latent space: E[x | z] on an ``n x n`` inverse-CDF grid of the prior.
 
     For p(z) = N(0, I) the grid points are Phi^-1 of evenly spaced probabilities, so each cell holds equal prior
-    mass (Kingma & Welling, 2014, fig. 4). Raises ``ValueError`` unless ``model.latent_dim == 2``.
+    mass (Kingma & Welling, 2014, fig. 4). Raises ``ValueError`` unless the latent space is 2-D.
     """
-    if model.latent_dim != 2:
-        raise ValueError(f"the decoded manifold needs a 2-D latent space; this model has latent_dim={model.latent_dim}")
+    d = latent_dim(model)
+    if d != 2:
+        raise ValueError(f"the decoded manifold needs a 2-D latent space; this model has latent_dim={d}")
     values = prior_quantiles(model, _even_probs(n))  # [n, 2]
     z1, z2 = values[:, 0], values[:, 1].flip(0)  # z2 decreasing down the rows, like a plot's y axis
     rows, cols = torch.meshgrid(z2, z1, indexing="ij")  # [n, n] each: row r holds z2[r], column c holds z1[c]
     z = torch.stack([cols, rows], dim=-1).reshape(-1, 2)  # [n * n, 2] row-major, as image_grid tiles
     images = decoded_mean(model, z)
     fig = new_figure((6.0, 6.0))
-    ax = _show_grid(fig, image_grid(images, model.data_shape, ncol=n), "Decoded manifold E[x | z] over the prior")
+    ax = _show_grid(fig, image_grid(images, images.shape[1:], ncol=n), "Decoded manifold E[x | z] over the prior")
     width = ax.get_images()[0].get_array().shape[1]
     ticks = [0, n // 2, n - 1]
     ax.set_xticks([width / n * (i + 0.5) for i in ticks])
@@ -515,7 +518,7 @@ def draw_pictures(
         "samples": lambda: samples_figure(model, 64),
         "traversals": lambda: traversal_figure(model, x, variance=diagnostics.get("posterior_mean_variance")),
     }
-    if model.latent_dim == 2:
+    if latent_dim(model) == 2:
         figures["manifold"] = lambda: manifold_figure(model)
     figures["latents"] = lambda: latent_scatter_figure(model, x, labels)
     if metrics:

@@ -51,19 +51,13 @@ from vaelab.checkpoint import (
 from vaelab.config import AUTO_COMPILE_SAMPLES, LR_DECAYS, PRESETS, TrainConfig, build_model, resolve_device
 from vaelab.data import binarize_fixed, binarize_with_bits, random_bits
 from vaelab.distributed import all_ranks, average_gradients, init_distributed, mean_over_ranks
-from vaelab.estimators import check_values, elbo_parts, log_marginal, trusted_data
-from vaelab.hierarchical import HierarchicalVAE
-from vaelab.nets import _BIAS_FROM_MEAN, init_decoder_bias
+from vaelab.estimators import check_values, data_support, elbo_parts, log_marginal, trusted_data
+from vaelab.likelihoods import LIKELIHOODS
+from vaelab.nets import init_decoder_bias
 from vaelab.objectives import OBJECTIVES, ObjectiveOutput
 from vaelab.runs import Run, latest_checkpoint, load_run, truncate_metrics
 from vaelab.schedules import Constant, make_schedule
 from vaelab.steps import WholeStep, adam, grads_finite, host_scalar
-
-
-def _output_net(model: nn.Module) -> nn.Module:
-    """The network whose last layer produces the likelihood's parameters."""
-    return model.nets["p_x_z1"] if isinstance(model, HierarchicalVAE) else model.decoder
-
 
 # The training API in one import (the config, presets and run loading live in vaelab.config and vaelab.runs)
 __all__ = [
@@ -105,6 +99,9 @@ class Trainer:
         valid_data: ``[M, *data_shape]`` or ``None``.
         run_dir: where config, metrics, TensorBoard logs, checkpoints and final weights go.
         resume: continue from the run directory's latest checkpoint (its saved config wins).
+        model: a model built by hand (the :mod:`vaelab.models` interface); None: ``build_model(config, data_shape)``.
+            Its weights are used as given (no decoder-bias initialisation); :func:`~vaelab.runs.load_run` can rebuild
+            it only if its class is registered (:func:`vaelab.models.register_model`) and named by ``config.model``.
     """
 
     def __init__(
@@ -115,6 +112,7 @@ class Trainer:
         run_dir: str | Path,
         *,
         resume: bool = False,
+        model: nn.Module | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -152,16 +150,22 @@ class Trainer:
         self.checkpoint_every = config.checkpoint_every or self.steps_per_epoch
 
         torch.manual_seed(config.seed)
-        self.model = build_model(config, self.data_shape).to(self.device)
+        built = model is None
+        self.model = (build_model(config, self.data_shape) if built else model).to(self.device)
         # Values are checked once here, not on every batch (the steps then run inside estimators.trusted_data()).
-        support, support_name = self.model.data_support, None
+        support, support_name = data_support(self.model, self.train_data[:1]), None
         if config.binarizes:
             support, support_name = constraints.unit_interval, "[0, 1] (it is binarized at every step)"
         for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data)):
             if data is not None:
                 check_values(data, support, name=name, support_name=support_name)
-        if config.init_decoder_bias and config.likelihood in _BIAS_FROM_MEAN and resume_from is None:
-            init_decoder_bias(_output_net(self.model), self.train_data.mean(0).clamp(0, 1), config.likelihood)
+        # The likelihood's rule, on the network the model says produces its parameters (models without one: skipped)
+        likelihood = getattr(self.model, "likelihood", None)
+        likelihood = LIKELIHOODS[config.likelihood] if likelihood is None else likelihood
+        output_net = getattr(self.model, "output_net", None)
+        if config.init_decoder_bias and built and resume_from is None and output_net is not None:
+            if likelihood.bias_from_mean is not None:
+                init_decoder_bias(output_net, self.train_data.mean(0).clamp(0, 1), likelihood)
         if self.world > 1:
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical start on every rank
@@ -172,7 +176,6 @@ class Trainer:
         if "form" in inspect.signature(self.objective).parameters:
             self.objective_options.setdefault("form", config.form)
         self.schedule = make_schedule(config.schedule, **config.schedule_options)
-        _check_objective_arguments(config, self.objective, self.objective_options, self.schedule.objective_kwargs(0))
         # Compiled: in one process the whole step is one graph (WholeStep: gradients and the Adam update); under
         # torchrun, where gradients are averaged between the two, the objective is (forward and backward fused).
         # A schedule's changing values go in as 0-d tensors so that they do not trigger a recompilation each.
@@ -518,31 +521,6 @@ class Trainer:
         return self._tb or None
 
 
-def _check_objective_arguments(config: TrainConfig, objective, options: dict, from_schedule: dict) -> None:
-    """Refuse, before the first step, keyword arguments the objective would refuse at it: missing, unknown, or set
-    both by ``objective_options`` and by the schedule."""
-    parameters = inspect.signature(objective).parameters
-    keyword = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
-    name = f"the {config.objective!r} objective"
-    twice = sorted(set(options) & set(from_schedule))
-    if twice:
-        raise ValueError(
-            f"{', '.join(twice)} of {name} is set by the {config.schedule!r} schedule: set it through schedule_options "
-            f"(--schedule-options), not objective_options"
-        )
-    unknown = sorted(set(options) - keyword)
-    if unknown:
-        choices = sorted(keyword - set(from_schedule) - {"k", "q"})
-        raise ValueError(f"unknown objective_options {', '.join(unknown)} for {name}; it takes {', '.join(choices)}")
-    supplied = {"k", *options, *from_schedule}
-    missing = [n for n, p in parameters.items() if n in keyword and p.default is p.empty and n not in supplied]
-    if missing:
-        where = f"objective_options (--objective-options '{{\"{missing[0]}\": ...}}')"
-        if set(missing) <= {"capacity", "gamma"}:  # what the capacity schedule supplies at every step
-            where = f"the capacity schedule (--schedule capacity), or {where}"
-        raise ValueError(f"{name} needs {', '.join(missing)}: set {'it' if len(missing) == 1 else 'them'} with {where}")
-
-
 def _diverged(step: int, out: ObjectiveOutput, loss: torch.Tensor, bad_gradients: list[str]) -> TrainingDiverged:
     """The error for a step whose loss (then the term that made it so is named) or gradients are not finite."""
     if not bool(torch.isfinite(loss)):
@@ -600,6 +578,7 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    model: nn.Module | None = None,
 ) -> TrainResult:
-    """Train a VAE as ``config`` says; see :class:`Trainer`."""
-    return Trainer(config, train_data, valid_data, run_dir, resume=resume).fit()
+    """Train as ``config`` says (or ``model``, built by hand, with the rest of ``config``); see :class:`Trainer`."""
+    return Trainer(config, train_data, valid_data, run_dir, resume=resume, model=model).fit()
