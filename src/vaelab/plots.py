@@ -18,6 +18,12 @@ from vaelab.estimators import latent_dim
 from vaelab.posteriors import distribution_mean
 
 
+def shows_as_images(data_shape) -> bool:
+    """Whether examples of this shape can be drawn as images: (C, H, W), (H, W), or a flat square number of pixels."""
+    shape = tuple(data_shape)
+    return len(shape) in (2, 3) or (len(shape) == 1 and math.isqrt(shape[0]) ** 2 == shape[0])
+
+
 def _as_images(x: torch.Tensor, data_shape) -> np.ndarray:
     """``[N, *data_shape]`` -> ``[N, H, W, C]`` floats in [0, 1] (flat 784-vectors become 28x28)."""
     x = x.detach().float().cpu().clamp(0, 1)
@@ -509,17 +515,19 @@ def draw_pictures(
     ``x`` (``[N, *data_shape]``) and ``labels`` (``[N]``) are the evaluation examples; ``metrics`` the run's
     ``metrics.jsonl`` lines; ``diagnostics`` the result of :func:`vaelab.evaluate.evaluate_model` (or of
     :func:`vaelab.diagnostics.diagnostics`, as :func:`vaelab.report.as_json` writes it). Pictures whose inputs are
-    missing (a manifold for d != 2, curves nobody computed or that do not apply) are left out.
+    missing (a manifold for d != 2, curves nobody computed or that do not apply, pictures of examples for data that are
+    not images) are left out.
     """
     out_dir = Path(out_dir)
     diagnostics = diagnostics or {}
-    figures: dict[str, Any] = {
-        "reconstructions": lambda: reconstructions_figure(model, x[:12]),
-        "samples": lambda: samples_figure(model, 64),
-        "traversals": lambda: traversal_figure(model, x, variance=diagnostics.get("posterior_mean_variance")),
-    }
-    if latent_dim(model) == 2:
-        figures["manifold"] = lambda: manifold_figure(model)
+    figures: dict[str, Any] = {}
+    if shows_as_images(x.shape[1:]):  # pictures of examples; other data (vectors, say) get the rest
+        figures["reconstructions"] = lambda: reconstructions_figure(model, x[:12])
+        figures["samples"] = lambda: samples_figure(model, 64)
+        variance = diagnostics.get("posterior_mean_variance")
+        figures["traversals"] = lambda: traversal_figure(model, x, variance=variance)
+        if latent_dim(model) == 2:
+            figures["manifold"] = lambda: manifold_figure(model)
     figures["latents"] = lambda: latent_scatter_figure(model, x, labels)
     if metrics:
         figures["training_curves"] = lambda: training_curves_figure(metrics)
