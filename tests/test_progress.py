@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from vaelab import progress
 from vaelab.progress import LOG_INTERVAL_S, progress_bar
 
 
@@ -28,6 +29,19 @@ def test_a_bar_into_a_log_file_writes_a_few_plain_lines(monkeypatch):
     assert 1 <= len(lines) <= 3, lines
     assert lines[-1].startswith("phase one: 100%") and "10000/10000" in lines[-1]
     assert LOG_INTERVAL_S >= 10
+
+
+def test_a_logged_bar_writes_each_state_once(monkeypatch):
+    # with no minimum interval every update is a line; closing redraws the final state, which must not repeat
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = progress_bar(5, "phase", "step")
+    for _ in range(5):
+        bar.update(1)
+    bar.close()
+    counts = [line.split("|")[-1].split()[0] for line in log.getvalue().splitlines()]
+    assert counts == [f"{i}/5" for i in range(6)]
 
 
 def test_a_bar_on_a_terminal_redraws_in_place(monkeypatch):

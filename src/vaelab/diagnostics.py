@@ -36,8 +36,9 @@ from vaelab.progress import progress_bar
 IWAE_CURVE_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 STUDY_KS: tuple[int, ...] = (1, 10, 100, 1000, 10000, 100000)
 STUDY_KS_FAST: tuple[int, ...] = (1, 10, 100, 1000)
-# The slow diagnostics of `diagnostics` (and `vaelab eval` / `vaelab report`) run on the first this many examples:
-# at k = 5000 they cost about as much per example as the headline evaluation, several times over (docs in cli.py).
+# The slow diagnostics of `diagnostics` (and `vaelab eval` / `vaelab report`) run on the first this many examples: per
+# example they cost several headline evaluations (two more streams of k samples for log p-hat, 200 optimisation steps,
+# 2 x 1000 ELBO samples), measured in cli.EVAL_COST: ~5 min for 500 MNIST images at k = 5000 on a shared 2-core CPU.
 DIAGNOSTICS_EXAMPLES = 500
 # The ELBO of a fixed q is averaged over this many independent calls of `estimators.elbo`; their spread gives its
 # standard error (49 degrees of freedom: the Z = 4.5 rule of vaelab.tolerance stays a ~1e-4 false-alarm rule).

@@ -15,15 +15,18 @@ LOG_INTERVAL_S = 30.0  # seconds between two lines of a bar whose stderr is not 
 
 
 class _Lines:
-    """A stream for tqdm that turns each redraw (``"\\r" + status``) into one line; blank redraws are dropped."""
+    """A stream for tqdm: each redraw (``"\\r" + status``) becomes one line; blank and repeated ones are dropped."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "").rstrip()
-        if text:
+        state = text.rpartition("[")[0] or text  # without the trailing "[elapsed<left, rate]"
+        if text and state != self.last:  # closing redraws the final state (at another rate): write it once
             self.stream.write(text + "\n")
+            self.last = state
 
     def flush(self) -> None:
         self.stream.flush()

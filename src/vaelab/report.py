@@ -215,13 +215,16 @@ EXPLAIN: dict[str, str] = {
     "p(z|x): 0 would mean the encoder is exact. It is the total price of approximate inference, and the sum of the "
     "approximation and amortization gaps below.",
     "approximation_gap": "The approximation gap log p(x) − ELBO(q*) is the KL to the true posterior of q*, the best "
-    "distribution of the encoder's family (here a diagonal Gaussian) fitted to each example separately: the price "
-    "of the family. A richer family (flows, a full covariance) is needed to shrink it (Cremer et al., 2018).",
+    "diagonal Gaussian fitted to each example separately: the price of a mean-field family (the encoder's own family "
+    "when the encoder is a diagonal Gaussian). A richer family (flows, a full covariance) is needed to shrink it "
+    "(Cremer et al., 2018). For a richer encoder (e.g. two stochastic layers) the amortization gap below can be "
+    "negative: the encoder beats the best diagonal Gaussian.",
     "amortization_gap": "The amortization gap ELBO(q*) − ELBO(encoder) is what one shared encoder network loses "
     "against per-example optimisation within the same family: the price of amortising inference. A larger or "
     "longer-trained encoder, or a few refinement steps per example, shrinks it (Cremer et al., 2018).",
-    "gap_decomposition": "How the gaps were computed: q* starts at the encoder's output and is optimised per example "
-    "by gradient ascent on the ELBO; log p(x) uses importance sampling.",
+    "gap_decomposition": "How the gaps were computed: q* starts at the encoder's mean and per-dimension standard "
+    "deviation (in closed form where known, else from samples: q_star_start) and is optimised per example by "
+    "gradient ascent on the ELBO; log p(x) uses importance sampling with the even mixture of the encoder and q*.",
     "estimator_study": "Why naive Monte Carlo fails: averaging p(x|z) over samples from the prior p(z) almost never "
     "hits the small region of z that explains x, so with any practical k the estimate is far too low and its "
     "effective sample size is about 1. Sampling z from the encoder's q(z|x) instead (importance sampling) puts the "
