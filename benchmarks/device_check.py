@@ -35,6 +35,7 @@ import torch
 import torch._dynamo
 from provenance import RESULTS, command_line, vaelab_commit, write_results
 
+import vaelab
 from vaelab.estimators import log_marginal
 from vaelab.train import TrainConfig, Trainer
 
@@ -188,6 +189,7 @@ def logpx(device: torch.device, run_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    vaelab.keep_freed_memory()  # opt in, as the command line does: glibc keeps freed memory (vaelab._malloc)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per batch size (default: %(default)s)")

@@ -61,6 +61,7 @@ def evaluate(model, test: torch.Tensor, *, k: int, batch: int, device: torch.dev
 
 
 def main(argv=None) -> int:
+    vaelab.keep_freed_memory()  # opt in, as the command line does: glibc keeps freed memory (vaelab._malloc)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="where MNIST is (default: vaelab's search order)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs per model (default: %(default)s)")

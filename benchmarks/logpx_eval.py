@@ -268,6 +268,7 @@ def train_briefly(train_x: torch.Tensor, run_dir: Path, args) -> None:
 
 
 def main(argv=None) -> int:
+    vaelab.keep_freed_memory()  # opt in, as the command line does: glibc keeps freed memory (vaelab._malloc)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where MNIST is (default: %(default)s)")
     p.add_argument("--run-dir", type=Path, default=None, help="a vaelab run directory to evaluate (default: train one)")

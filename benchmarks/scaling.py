@@ -47,6 +47,7 @@ import torch
 from logpx_eval import _reset_peak, _status_mib
 from provenance import DEFAULT_DATA_DIR, REPO, RESULTS, command_line, vaelab_commit, write_results
 
+import vaelab
 from vaelab.data import binarize_fixed, load_dataset
 from vaelab.estimators import log_marginal
 from vaelab.train import TrainConfig, Trainer, build_model
@@ -240,6 +241,7 @@ def load_images(data_dir: str, n_test: int, n_train: int) -> tuple[torch.Tensor,
 
 
 def main(argv=None) -> int:
+    vaelab.keep_freed_memory()  # opt in, as the command line does: glibc keeps freed memory (vaelab._malloc)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where MNIST is (default: %(default)s)")
     p.add_argument("--ks", default="100,300,1000,3000,10000,30000", help="k, 100 images (default: %(default)s)")

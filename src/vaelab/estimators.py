@@ -25,7 +25,6 @@ from typing import Literal
 import torch
 from torch.distributions import Distribution, constraints, kl_divergence
 
-from vaelab._malloc import keep_freed_memory
 from vaelab._math import log_mean_exp
 
 ElboForm = Literal["joint", "entropy", "kl"]
@@ -469,8 +468,6 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefix
     if chunk_size is None:
         chunk_size = _auto_chunk(model, x, k, compiled=compile)
     _check_count(chunk_size, "chunk_size")
-    if x.device.type == "cpu":
-        keep_freed_memory()  # else glibc may re-fault every chunk's temporaries: up to 2x slower (vaelab._malloc)
     stats = _WeightStats(tail=tail, prefixes=prefixes)
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
         r = _posterior(model, x, q) if proposal == "posterior" else None
@@ -521,9 +518,9 @@ def log_marginal(
     batch shape, so worth it for long evaluations (docs/performance.md). Same estimator, different random draws. If
     compilation fails (e.g. no C++ compiler), a warning says so and the estimate is computed eagerly.
 
-    On CPU the first streamed evaluation sets glibc's malloc to keep freed memory for reuse (see
-    :mod:`vaelab._malloc`: up to 2x faster eagerly; set ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` in
-    the environment to keep your own settings).
+    On CPU with glibc, eager streaming runs up to 2x faster in a process that keeps freed memory for reuse:
+    :func:`vaelab.keep_freed_memory` sets that, process-wide, for the caller who wants it (the command line and the
+    benchmarks do); this function never changes the process's allocator itself.
 
     ``iwae_ks``: sample counts j <= k at which the IWAE_j bound of the first j samples is recorded as well
     (``result.iwae[j]``): the whole IWAE ladder from the one stream of log-weights.
