@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vaelab.checkpoint import CheckpointError, load_checkpoint
+from vaelab.steps import EagerStep, WholeStep
 from vaelab.train import TrainConfig, Trainer, TrainingDiverged, build_model, latest_checkpoint, train
 
 DATA_DIM, LATENT_DIM = 64, 4
@@ -458,13 +459,13 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
             got = compiled.train_step()
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(), rtol=1e-4, atol=1e-5)
-    assert compiled._whole_step is not None and all(p.grad is None for p in compiled.model.parameters())
+    assert isinstance(compiled.take_step, WholeStep) and all(p.grad is None for p in compiled.model.parameters())
     if "grad_clip" in overrides:
         assert got["grad_norm"] > overrides["grad_clip"]  # the clipping was active
     torch.testing.assert_close(compiled.optimizer.state_dict(), eager.optimizer.state_dict(), rtol=1e-4, atol=1e-6)
     # once the objective has compiled, validation's log p(x) is compiled too: with torch's own random draws
     # (fallback_random) it draws the same samples as the eager trainer's, so the bounds agree to rounding
-    assert compiled._compiled_once
+    assert compiled.take_step.compiled
     import vaelab.estimators
 
     compiled_chunks = []
@@ -499,7 +500,7 @@ def test_compiled_step_synchronises_the_host_once_on_cuda(tmp_path):
                 trainer.train_step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert trainer._whole_step is not None
+    assert isinstance(trainer.take_step, WholeStep)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 5, syncs
 
@@ -529,11 +530,11 @@ def test_compilation_is_automatic_for_long_runs_only(tmp_path):
     assert TrainConfig().compile is None
     short = Trainer(small_config(max_steps=100), TRAIN, VALID, tmp_path / "short")
     assert short.total_steps * short.batch_size < AUTO_COMPILE_SAMPLES and not short.compiles
-    assert short._whole_step is None
+    assert type(short.take_step) is EagerStep
     steps = AUTO_COMPILE_SAMPLES // short.batch_size
     long = Trainer(small_config(max_steps=steps, epochs=10**6), TRAIN, VALID, tmp_path / "long")
     assert long.total_steps * long.batch_size >= AUTO_COMPILE_SAMPLES and long.compiles
-    assert long._whole_step is not None
+    assert isinstance(long.take_step, WholeStep)
     forced_off = small_config(max_steps=steps, epochs=10**6, compile=False)
     assert not Trainer(forced_off, TRAIN, VALID, tmp_path / "a").compiles
     assert Trainer(small_config(max_steps=100, compile=True), TRAIN, VALID, tmp_path / "b").compiles
@@ -554,7 +555,7 @@ def test_compiled_training_recovers_from_a_first_step_that_diverged(tmp_path):
         weight[0, 0] = saved
     stats = [trainer.train_step() for _ in range(3)]
     assert trainer.step == 3 and all(bool(torch.isfinite(s["loss"])) for s in stats)
-    assert trainer._whole_step is not None and trainer._compiled_once
+    assert isinstance(trainer.take_step, WholeStep) and trainer.take_step.compiled
 
 
 def test_compiled_training_resumes_from_its_checkpoint(tmp_path):
@@ -619,6 +620,72 @@ def test_resume_uses_the_saved_config(tmp_path):
     assert trainer.config == config and trainer.step == 20
 
 
+# --- optimizers -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [("adamw", {"weight_decay": 0.05}), ("sgd", {"momentum": 0.9})],
+    ids=["adamw", "sgd-momentum"],
+)
+def test_other_optimizers_train_and_resume_bit_identically(driver, tmp_path, optimizer, options):
+    # as the Adam runs above: killed after a checkpoint (SIGKILL, in a child process), resumed, bit for bit the
+    # uninterrupted run's weights and optimizer state (AdamW's moments, SGD's momentum buffers)
+    overrides = dict(optimizer=optimizer, optimizer_options=options, lr=0.01 if optimizer == "sgd" else 1e-3)
+    reference = tmp_path / "reference"
+    assert driver.run(reference, **overrides)["step"] == 160
+    first, last = lines(reference, "valid")[0], lines(reference, "valid")[-1]
+    assert last["elbo"] > first["elbo"] + 1  # it learns
+    meta = json.loads((reference / "checkpoints" / "step_00000160" / "state.json").read_text())
+    assert any(
+        key.startswith("optim") for key in load_file(reference / "checkpoints" / "step_00000160" / "state.safetensors")
+    )
+    assert next(iter(options)) in json.dumps(meta)  # the optimizer's own hyper-parameters were saved
+
+    proc = driver.start(tmp_path / "run", **overrides)
+    wait_until(proc, lambda: any(s >= 30 for s in step_checkpoints(tmp_path / "run")), "a checkpoint at step >= 30")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert driver.run(tmp_path / "run", resume=True, **overrides)["step"] == 160
+    for file in ("model.safetensors", "checkpoints/step_00000160/state.safetensors"):
+        assert_same_weights(tmp_path / "run" / file, reference / file)
+
+
+def test_the_step_is_chosen_once_by_optimizer_and_compilation(tmp_path):
+    from vaelab.steps import CompiledObjectiveStep
+
+    def step_kind(**overrides):
+        return type(Trainer(small_config(max_steps=5, **overrides), TRAIN, VALID, tmp_path / "x").take_step)
+
+    assert step_kind(compile=False) is EagerStep
+    assert step_kind(compile=True) is WholeStep  # plain Adam, one process
+    assert step_kind(compile=True, optimizer_options={"betas": [0.8, 0.99]}) is WholeStep
+    assert step_kind(compile=True, optimizer="adamw") is CompiledObjectiveStep
+    assert step_kind(compile=True, optimizer_options={"amsgrad": True}) is CompiledObjectiveStep
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'; choose from adam, adamw, sgd"):
+        small_config(optimizer="lbfgs")
+    with pytest.raises(ValueError, match=r"optimizer_options .* not accepted by 'sgd'"):
+        small_config(optimizer="sgd", optimizer_options={"betas": [0.9, 0.99]})
+
+
+def test_compiled_objective_step_matches_eager_for_adamw(tmp_path):
+    import torch._dynamo
+    import torch._inductor.config
+
+    config = small_config(max_steps=8, optimizer="adamw", optimizer_options={"weight_decay": 0.05})
+    eager = Trainer(config, TRAIN, VALID, tmp_path / "eager")
+    compiled = Trainer(dataclasses.replace(config, compile=True), TRAIN, VALID, tmp_path / "compiled")
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        for _ in range(4):
+            torch.manual_seed(eager.step)
+            expected = eager.train_step()
+            torch.manual_seed(compiled.step)
+            got = compiled.train_step()
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert compiled.take_step.compiled
+    torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(), rtol=1e-4, atol=1e-5)
+
+
 # --- schedules, objectives, config validation -------------------------------------------------------------------------
 def test_linear_kl_warmup_is_logged(tmp_path):
     config = small_config(max_steps=60, log_every=5, schedule="linear", schedule_options={"steps": 40})
@@ -673,7 +740,7 @@ def test_compiled_bf16_step_autocasts_inside_the_graph(tmp_path):
                 loss = trainer.train_step()["loss"].item()
         runs[bf16] = loss, trainer
     (loss32, trainer32), (loss16, trainer16) = runs[False], runs[True]
-    assert trainer16._whole_step is not None and trainer16._compiled_once
+    assert isinstance(trainer16.take_step, WholeStep) and trainer16.take_step.compiled
     assert loss16 != loss32 and abs(loss16 - loss32) < 0.05 * abs(loss32)
     weights16, weights32 = trainer16.model.state_dict(), trainer32.model.state_dict()
     assert all(w.dtype == torch.float32 for w in weights16.values())

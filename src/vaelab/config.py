@@ -17,6 +17,7 @@ from vaelab.likelihoods import LIKELIHOODS
 from vaelab.models import VAE
 from vaelab.nets import ARCHITECTURES
 from vaelab.objectives import OBJECTIVES
+from vaelab.optimizers import OPTIMIZERS, make_optimizer
 from vaelab.priors import PRIORS
 from vaelab.schedules import SCHEDULES
 
@@ -51,6 +52,8 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None  # stop after this many steps (overrides epochs when smaller)
     lr: float = 1e-3
+    optimizer: str = "adam"  # key of vaelab.optimizers.OPTIMIZERS: "adam", "adamw", "sgd"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # passed to it, e.g. {"weight_decay": 0.01}
     lr_decay: str = "none"  # "none" or "cosine" (to 0 at the last step)
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     binarize: bool | None = None  # dynamic binarization (a fresh Bernoulli draw of every batch); None: iff Bernoulli
@@ -81,6 +84,7 @@ class TrainConfig:
             ("likelihood", LIKELIHOODS),
             ("objective", OBJECTIVES),
             ("schedule", SCHEDULES),
+            ("optimizer", OPTIMIZERS),
         ):
             if getattr(self, name) not in registry:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(registry)}")
@@ -109,6 +113,9 @@ class TrainConfig:
             raise ValueError(f"compile must be true, false or None (automatic), got {self.compile!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if not isinstance(self.optimizer_options, dict):
+            raise ValueError(f"optimizer_options must be a dict, got {self.optimizer_options!r}")
+        make_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], self.lr, self.optimizer_options)
 
     @property
     def binarizes(self) -> bool:

@@ -47,11 +47,13 @@ __all__ = [
     "DataError",
     "DatasetSpec",
     "Splits",
+    "as_float",
     "binarize_dynamic",
     "binarize_fixed",
     "download_dataset",
     "find_dataset",
     "load_dataset",
+    "mean_example",
     "read_idx",
     "split_indices",
 ]
@@ -880,6 +882,23 @@ def load_dataset(
             )
         splits = _load_path(path, validation_size=validation_size, seed=seed)
     return _truncate(splits, max_examples)
+
+
+# --- 8-bit data, converted per batch ------------------------------------------------------------------------------
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """Examples as floats in [0, 1]: ``uint8`` divided by 255 in float32 (bit for bit the values a float32 copy of
+    the source holds), any floating tensor as it is. 8-bit sources are kept as ``uint8`` (4x less memory than
+    float32) and converted batch by batch with this."""
+    return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def mean_example(x: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
+    """The mean example ``[*data_shape]`` of ``x [N, ...]`` (uint8 or float), ``rows`` at a time: no float copy of
+    the whole of ``x`` (which may be 8-bit, or memory-mapped)."""
+    if x.is_floating_point() and x.shape[0] <= rows:
+        return x.mean(0)
+    total = sum(as_float(x[i : i + rows]).double().sum(0) for i in range(0, x.shape[0], rows))
+    return (total / x.shape[0]).to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
 
 
 # --- binarization -----------------------------------------------------------------------------------------------------
