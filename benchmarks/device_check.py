@@ -78,12 +78,13 @@ def check_steps(data: torch.Tensor, device: torch.device, run_dir: Path) -> dict
                     losses[compiled].append(trainer.train_step()["loss"].item())
         finite = all(math.isfinite(v) for values in losses.values() for v in values)
         relative = max(abs(a - b) / abs(b) for a, b in zip(losses[True], losses[False], strict=True))
+        step = trainers[True].take_step
         out[name] = {
             "eager_loss": losses[False],
             "compiled_loss": losses[True],
             "max_relative_difference": relative,
-            "whole_step_compiled": isinstance(trainers[True].take_step, WholeStep) and trainers[True].take_step.compiled,
-            "ok": finite and relative < 0.05 and trainers[True].take_step.compiled,
+            "whole_step_compiled": isinstance(step, WholeStep) and step.compiled,
+            "ok": finite and relative < 0.05 and step.compiled,
         }
         print(f"  steps, {name}: max relative loss difference {relative:.2e}, finite {finite}, ok {out[name]['ok']}")
     return out
