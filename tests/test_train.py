@@ -620,6 +620,37 @@ def test_resume_uses_the_saved_config(tmp_path):
     assert trainer.config == config and trainer.step == 20
 
 
+# --- data as aligned tensors, models with context --------------------------------------------------------------------
+def test_a_model_with_context_trains_and_validates_given_each_examples_labels(tmp_path):
+    # The Trainer gathers x and y with one index and trains model.given(y=...); validation binds each example's label.
+    # The model's encoder is its exact posterior, so the validation ELBO (joint form: log p(x,z) - log q(z|x) at one
+    # z) and IWAE bound are the exact mean log p(x|y) of its current weights for any draw, up to float32 rounding
+    # (vaelab.tolerance's slack; no Monte Carlo error).
+    from tiny import ClassMeanGaussian
+    from vaelab.tolerance import tolerance
+
+    truth = ClassMeanGaussian(6, 2, classes=3, seed=0)
+    x, y = truth.sample(1200, classes=3, seed=1)
+    model = ClassMeanGaussian(6, 2, classes=3, seed=5)  # another start
+    before = model.log_marginal_exact(x[1000:], y[1000:]).mean()
+    config = small_config(max_steps=300, binarize=False, likelihood="gaussian", lr=0.02, eval_every=300,
+                          eval_examples=None, form="joint")  # fmt: skip
+    trainer = Trainer(config, {"x": x[:1000], "y": y[:1000]}, {"x": x[1000:], "y": y[1000:]}, tmp_path, model=model)
+    result = trainer.fit().last_eval
+    exact = model.log_marginal_exact(x[1000:], y[1000:]).mean()
+    allowed = tolerance(torch.tensor(0.0), exact.float())  # rounding slack of the float32 computation, no stderr
+    for key in ("elbo", "iwae_10"):
+        assert abs(result[key] - exact) <= allowed, (key, result[key], exact.item(), allowed.item())
+    # it learned, and learned class means: the labels really reached the model aligned with x
+    assert exact > before + 1
+    shuffled = y[1000:][torch.randperm(200, generator=torch.Generator().manual_seed(0))]
+    assert exact > model.log_marginal_exact(x[1000:], shuffled).mean() + 1
+    with pytest.raises(ValueError, match="the model asks for context y, which train_data does not hold"):
+        Trainer(config, x[:1000], None, tmp_path / "no-labels", model=model)
+    with pytest.raises(ValueError, match=r"train_data\['y'\] has 999 rows, not 1000 as x"):
+        Trainer(config, {"x": x[:1000], "y": y[:999]}, None, tmp_path / "misaligned", model=model)
+
+
 # --- optimizers -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("optimizer", "options"),

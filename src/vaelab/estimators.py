@@ -144,6 +144,14 @@ def _posterior(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
     return q
 
 
+def _per_example(prior: Distribution, x: torch.Tensor) -> bool:
+    """Whether ``prior`` has one distribution per example of ``x`` (batch ``[B]``) rather than one for all (``[]``)."""
+    batch = tuple(prior.batch_shape)
+    if batch not in ((), (x.shape[0],)):
+        raise ValueError(f"the prior must have batch shape [] or [B] = [{x.shape[0]}], got {list(batch)}")
+    return batch != ()
+
+
 def _draw(dist: Distribution, shape: tuple[int, ...]) -> torch.Tensor:
     return dist.rsample(shape) if dist.has_rsample else dist.sample(shape)
 
@@ -239,7 +247,9 @@ def elbo(model, x: torch.Tensor, *, k: int = 1, form: ElboForm = "joint", q: Dis
 def _log_weights(model, x: torch.Tensor, proposal: Distribution | None, k: int) -> torch.Tensor:
     """``log w [k, B]`` for already-validated inputs; ``proposal=None`` means the prior (naive Monte Carlo)."""
     if proposal is None:
-        z = _draw(model.prior, (k, x.shape[0]))  # (K, B, d)
+        prior = model.prior
+        # a prior of batch [] (p(z)) is drawn (K, B); one of batch [B] (p(z|y), a model given context) is drawn (K,)
+        z = _draw(prior, (k,) if _per_example(prior, x) else (k, x.shape[0]))  # (K, B, d)
         return model.decode(z).log_prob(x)  # log p(x|z): the prior terms cancel exactly
     z = _draw(proposal, (k,))  # (K, B, d)
     return model.decode(z).log_prob(x) + model.prior.log_prob(z) - proposal.log_prob(z)

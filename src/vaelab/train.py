@@ -215,9 +215,9 @@ class Trainer:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(len(self.train_data["x"]), generator=g).to(self.device))
         idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's
-        # index_select: the same rows as data[idx], faster; 8-bit data become float here, unbinarized
-        batch = {key: data.index_select(0, idx) for key, data in self.train_data.items()}
-        batch["x"] = as_float(batch["x"])
+        # x and the context the model asks for (other fields stay unread); index_select: the rows data[idx], faster
+        batch = {key: self.train_data[key].index_select(0, idx) for key in ("x", *self.context)}
+        batch["x"] = as_float(batch["x"])  # 8-bit data become float here, unbinarized
         return batch
 
     def bind(self, batch: Mapping[str, torch.Tensor]) -> nn.Module:
