@@ -66,7 +66,7 @@ from peers import pythae_vae
 from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab_commit, write_results
 
 import vaelab
-from vaelab.data import binarize_fixed, load_dataset
+from vaelab.data import as_float, binarize_fixed, load_dataset
 from vaelab.train import TrainConfig, Trainer, load_run
 
 IMPLEMENTATIONS = ("vaelab", "vaelab-compile", "pythae", "pyro-vectorized", "pyro-importance")
@@ -318,12 +318,12 @@ def main(argv=None) -> int:
     print(f"float32 matmul peak: {peak['peak_gflops']:.1f} GFLOP/s", flush=True)
 
     splits = load_dataset("mnist", data_dir=args.data_dir, validation_size=0)
-    test_x = binarize_fixed(splits.test.reshape(len(splits.test), -1), seed=0)[: args.examples].clone()
+    test_x = binarize_fixed(as_float(splits.test).reshape(len(splits.test), -1), seed=0)[: args.examples].clone()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir
         if run_dir is None:
             run_dir = Path(tmp) / "run"
-            train_briefly(splits.train.reshape(len(splits.train), -1), run_dir, args)
+            train_briefly(as_float(splits.train).reshape(len(splits.train), -1), run_dir, args)
         del splits
         model = load_run(run_dir).model
         images = Path(tmp) / "images.pt"

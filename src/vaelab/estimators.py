@@ -26,6 +26,7 @@ import torch
 from torch.distributions import Distribution, constraints, kl_divergence
 
 from vaelab._math import log_mean_exp
+from vaelab.data import as_float
 
 ElboForm = Literal["joint", "entropy", "kl"]
 Proposal = Literal["posterior", "prior"]
@@ -89,10 +90,13 @@ def check_values(
     """Raise ``ValueError`` unless every value of ``x [N, ...]`` is finite and inside ``support``.
 
     The message names the first offending example (row) and the support (as ``support_name`` where given). Works
-    through ``rows`` examples at a time, so a whole dataset can be checked once without a temporary of its size.
+    through ``rows`` examples at a time, so a whole dataset can be checked once without a temporary of its size;
+    uint8 data (and :class:`vaelab.data.MappedRows`) are checked as the intensities they stand for (/ 255).
     """
+    if x.dtype == torch.uint8 and bool(support.check(torch.arange(256) / 255.0).all()):
+        return  # every value 8-bit data can stand for is inside the support: nothing to read
     for start in range(0, x.shape[0], rows):
-        chunk = x[start : start + rows]
+        chunk = as_float(x[start : start + rows])  # 8-bit data as the intensities they stand for
         # One pass in the common case: a bounded support's check already fails on NaN and inf.
         ok = support.check(chunk) if support in _BOUNDED_SUPPORTS else torch.isfinite(chunk)
         row_ok = ok.reshape(ok.shape[0], -1).all(1)
