@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 class RunLog:
     """``metrics.jsonl`` (one JSON line per train or validation record) and TensorBoard scalars and images of a run
@@ -30,11 +32,27 @@ class RunLog:
                 if isinstance(value, float) and key not in ("step", "epoch"):
                     writer.add_scalar(f"{line['split']}/{key}", value, line["step"])
 
-    def images(self, step: int, grids: dict[str, Any]) -> None:
+    def pictures(self, model, x, seed: int, step: int) -> None:
+        """Samples from the prior and reconstructions of ``x`` (a few examples) as image grids in TensorBoard (image
+        data only), drawn from a forked RNG seeded ``seed``: training's RNG is never perturbed."""
         writer = self.writer()
-        if writer is not None:
-            for tag, grid in grids.items():
-                writer.add_image(tag, grid, step, dataformats="HWC")
+        if writer is None:
+            return
+        from vaelab.data import as_float
+        from vaelab.plots import image_grid, reconstruction_pairs, sample_images
+
+        x = as_float(x)
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            model.eval()
+            samples, pairs = sample_images(model, 16), reconstruction_pairs(model, x)
+            model.train()
+        try:
+            for tag, images in (("samples", samples), ("reconstructions", pairs)):
+                writer.add_image(tag, image_grid(images, tuple(x.shape[1:]), ncol=8), step, dataformats="HWC")
+        except ValueError:  # data that are not images
+            pass
 
     def writer(self):
         if self._tb is None:

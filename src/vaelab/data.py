@@ -35,7 +35,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ __all__ = [
     "DatasetSpec",
     "MappedRows",
     "Splits",
+    "aligned_fields",
     "as_float",
     "binarize_dynamic",
     "binarize_fixed",
@@ -976,6 +977,26 @@ def mean_example(x: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
         return x.mean(0)
     total = sum(as_float(x[i : i + rows]).double().sum(0) for i in range(0, x.shape[0], rows))
     return (total / x.shape[0]).to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
+
+
+# A training or evaluation set: x alone, or aligned tensors {"x": [N, ...], "y": [N], ...} (x may be MappedRows).
+Data = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def aligned_fields(data: Data | None, name: str, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """``data`` as a dict of aligned tensors on ``device`` (``{"x": data}`` for a lone tensor), checked: ``x`` is
+    ``[N, *data_shape]`` and every field has N rows. A batch takes the same rows of every field."""
+    if data is None:
+        return None
+    fields = dict(data) if isinstance(data, Mapping) else {"x": data}
+    x = fields.get("x")
+    if x is None or x.ndim < 2 or x.shape[0] < 1:
+        shape = None if x is None else tuple(x.shape)
+        raise ValueError(f"{name} must be x [N, *data_shape] with N >= 1 (or a dict holding it as 'x'), got {shape}")
+    for key, value in fields.items():
+        if len(value) != len(x):
+            raise ValueError(f"{name}[{key!r}] has {len(value)} rows, not {len(x)} as x: the fields must be aligned")
+    return {key: value.to(device) for key, value in fields.items()}
 
 
 # --- binarization -----------------------------------------------------------------------------------------------------

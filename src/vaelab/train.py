@@ -47,10 +47,11 @@ from vaelab.checkpoint import (
     load_checkpoint,
     restore_optimizer,
     save_checkpoint,
+    save_weights,
     set_rng_state,
 )
 from vaelab.config import AUTO_COMPILE_SAMPLES, LR_DECAYS, PRESETS, TrainConfig, build_model, resolve_device
-from vaelab.data import as_float, binarize_fixed, binarize_with_bits, mean_example
+from vaelab.data import Data, aligned_fields, as_float, binarize_fixed, binarize_with_bits, mean_example
 from vaelab.distributed import all_ranks, init_distributed, mean_over_ranks
 from vaelab.estimators import check_values, elbo_parts, log_marginal, trusted_data
 from vaelab.hierarchical import HierarchicalVAE
@@ -76,8 +77,6 @@ __all__ = [
     "resolve_device",
     "train",
 ]
-
-Data = torch.Tensor | Mapping[str, torch.Tensor]  # x alone, or aligned tensors: {"x": [N, ...], "y": [N], ...}
 
 
 @dataclass
@@ -127,8 +126,8 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
-        self.train_data = _fields(train_data, "train_data", self.device)
-        self.valid_data = _fields(valid_data, "valid_data", self.device)
+        self.train_data = aligned_fields(train_data, "train_data", self.device)
+        self.valid_data = aligned_fields(valid_data, "valid_data", self.device)
         n = len(self.train_data["x"])
         self.data_shape = tuple(self.train_data["x"].shape[1:])
         self.batch_size = min(config.batch_size, n)
@@ -249,7 +248,7 @@ class Trainer:
         seconds the pass took (``eval_k`` x ``eval_examples`` decoder passes: with the defaults ~25 % of the time of
         an epoch of compiled iwae-1layer MNIST training; cheaper with smaller ``eval_k`` / ``eval_examples``, and
         rarer with a larger ``eval_every``). A model that asks for context is evaluated given each example's."""
-        data = self.valid_data if data is None else _fields(data, "data", self.device)
+        data = self.valid_data if data is None else aligned_fields(data, "data", self.device)
         if data is None:
             return {}
         n = len(data["x"]) if self.config.eval_examples is None else min(len(data["x"]), self.config.eval_examples)
@@ -328,7 +327,9 @@ class Trainer:
                     if result:
                         self.last_eval = result
                         log.write(result)
-                        self._log_images(log)
+                        if not self.context:  # a model given context has a prior per example: no samples drawn
+                            x = (self.valid_data or self.train_data)["x"][:8]
+                            log.pictures(self.model, x, self.config.seed, self.step)
                         if result["elbo"] > self.best_elbo:
                             self.best_elbo = result["elbo"]
                             self.save("best")
@@ -344,7 +345,7 @@ class Trainer:
                     file=sys.stderr,
                 )
             elif self.rank == 0:
-                self._write_final_weights()
+                save_weights(self.model, self.run_dir / "model.safetensors")
         finally:
             bar.close()
             log.close()
@@ -355,53 +356,8 @@ class Trainer:
                 dist.destroy_process_group()
         return TrainResult(self.run_dir, self.step, self._stop, self.last_eval)
 
-    def _write_final_weights(self) -> None:
-        from safetensors.torch import save_file
-
-        tmp = self.run_dir / ".model.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, tmp)
-        tmp.replace(self.run_dir / "model.safetensors")
-
     def _request_stop(self, signum, frame) -> None:
         self._stop = signal.Signals(signum).name
-
-    def _log_images(self, log: RunLog) -> None:
-        """Samples from the prior and validation reconstructions as image grids in TensorBoard (image data only;
-        not for a model that asks for context, whose prior is per example)."""
-        if log.writer() is None or self.context:
-            return
-        from vaelab.plots import image_grid, reconstruction_pairs, sample_images
-
-        x = as_float((self.valid_data or self.train_data)["x"][:8])
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():  # never perturbs training's RNG
-            torch.manual_seed(self.config.seed)
-            self.model.eval()
-            samples, pairs = sample_images(self.model, 16), reconstruction_pairs(self.model, x)
-            self.model.train()
-        try:
-            grids = {
-                tag: image_grid(images, self.data_shape, ncol=8)
-                for tag, images in (("samples", samples), ("reconstructions", pairs))
-            }
-        except ValueError:  # data that are not images
-            return
-        log.images(self.step, grids)
-
-
-def _fields(data: Data | None, name: str, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """``data`` as a dict of aligned tensors on ``device``: ``{"x": data}`` for a lone tensor."""
-    if data is None:
-        return None
-    fields = dict(data) if isinstance(data, Mapping) else {"x": data}
-    x = fields.get("x")
-    if x is None or x.ndim < 2 or x.shape[0] < 1:
-        shape = None if x is None else tuple(x.shape)
-        raise ValueError(f"{name} must be x [N, *data_shape] with N >= 1 (or a dict holding it as 'x'), got {shape}")
-    for key, value in fields.items():
-        if len(value) != len(x):
-            raise ValueError(f"{name}[{key!r}] has {len(value)} rows, not {len(x)} as x: the fields must be aligned")
-    return {key: value.to(device) for key, value in fields.items()}
 
 
 def train(
