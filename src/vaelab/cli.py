@@ -104,6 +104,7 @@ def _add_train(sub) -> None:
     from vaelab.likelihoods import LIKELIHOODS
     from vaelab.nets import ARCHITECTURES
     from vaelab.objectives import OBJECTIVES
+    from vaelab.optimizers import OPTIMIZERS
     from vaelab.priors import PRIORS
     from vaelab.schedules import SCHEDULES
 
@@ -117,6 +118,7 @@ def _add_train(sub) -> None:
         "likelihood": LIKELIHOODS,
         "objective": OBJECTIVES,
         "schedule": SCHEDULES,
+        "optimizer": OPTIMIZERS,
         "lr_decay": LR_DECAYS,
         "form": ELBO_FORMS,
     }

@@ -60,6 +60,7 @@ class EagerStep:
         self.objective = trainer.objective_outputs  # (batch, sched, bits) -> (loss, elbo, recon, kl)
         self.world, self.device, self.rank = trainer.world, trainer.device, trainer.rank
         self.compiled = False  # whether a compiled graph has run (then validation's log p(x) compiles as well)
+        self.failed = False  # the compiler failed: eager from then on
         self.steps = 0  # taken by this object: the first runs eagerly in every step kind
 
     def __call__(self, batch: Batch, sched: dict[str, Any], lr: float) -> dict[str, torch.Tensor]:
@@ -122,8 +123,6 @@ class EagerStep:
             return None
         self.compiled = True
         return result
-
-    failed = False  # the compiler failed: eager from then on
 
 
 class CompiledObjectiveStep(EagerStep):
