@@ -388,6 +388,17 @@ def test_values_outside_the_support_are_rejected_before_training(tmp_path, binar
         Trainer(small_config(max_steps=10, binarize=binarize), train_data, valid_data, tmp_path)
 
 
+def test_8_bit_data_are_checked_as_intensities(tmp_path):
+    # uint8 data stand for value / 255: in [0, 1] always (no scan needed for dynamic binarization), but a Bernoulli
+    # likelihood without binarization wants exactly 0 or 255, and the example at fault is named
+    valid = (VALID > 0.5).to(torch.uint8) * 255
+    Trainer(small_config(max_steps=10), (TRAIN * 255).round().to(torch.uint8), valid, tmp_path / "binarized")
+    valid[7, 3] = 128
+    message = r"valid_data has values outside the likelihood.s support \(Boolean\(\)\), first in example 7"
+    with pytest.raises(ValueError, match=message):
+        Trainer(small_config(max_steps=10, binarize=False), (TRAIN > 0.5).to(torch.uint8) * 255, valid, tmp_path / "b")
+
+
 def poison_decoder(model) -> None:
     model.decoder.output_layer.weight[0, 0] = math.nan
 

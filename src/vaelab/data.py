@@ -775,10 +775,9 @@ class MappedRows:
     """Rows of a memory-mapped ``.npy`` array, read only when asked for: a split of a dataset larger than memory.
 
     Enough of a tensor's interface for the Trainer and the command line: ``len``, ``shape``, ``dtype``, ``ndim``,
-    ``rows[i]`` / ``rows[a:b]`` and ``rows.index_select(0, idx)`` (each reads those rows into a tensor: uint8 as
-    stored, any other type as float32), and ``to(device)`` (itself on the CPU, where batches are read from the
-    mapping; a copy elsewhere). Under torchrun every process maps the same file: the operating system's page cache
-    holds it once.
+    ``rows[i]`` / ``rows[a:b]`` and ``rows.index_select(0, idx)`` (each reads those rows into a CPU tensor: uint8
+    as stored, any other type as float32). The Trainer leaves it where it is and moves each batch to its device.
+    Under torchrun every process maps the same file: the operating system's page cache holds it once.
     """
 
     def __init__(self, array: np.ndarray, index: np.ndarray | None = None):
@@ -811,9 +810,6 @@ class MappedRows:
 
     def split(self, rows: int):
         return (self[i : i + rows] for i in range(0, len(self), rows))
-
-    def to(self, device) -> MappedRows | torch.Tensor:
-        return self if torch.device(device).type == "cpu" else self[:].to(device)
 
 
 def _load_mapped(path: Path, *, validation_size: int, seed: int, rows: int = 1 << 14) -> Splits:
@@ -996,7 +992,8 @@ def aligned_fields(data: Data | None, name: str, device: torch.device) -> dict[s
     for key, value in fields.items():
         if len(value) != len(x):
             raise ValueError(f"{name}[{key!r}] has {len(value)} rows, not {len(x)} as x: the fields must be aligned")
-    return {key: value.to(device) for key, value in fields.items()}
+    # moved to the device once; a mapping stays where it is (batches are read from it, then moved)
+    return {key: value if isinstance(value, MappedRows) else value.to(device) for key, value in fields.items()}
 
 
 # --- binarization -----------------------------------------------------------------------------------------------------

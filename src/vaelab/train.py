@@ -214,8 +214,9 @@ class Trainer:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             self._perm = (epoch, torch.randperm(len(self.train_data["x"]), generator=g).to(self.device))
         idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's
-        # x and the context the model asks for (other fields stay unread); index_select: the rows data[idx], faster
-        batch = {key: self.train_data[key].index_select(0, idx) for key in ("x", *self.context)}
+        # x and the context the model asks for (other fields stay unread); index_select: the rows data[idx], faster;
+        # .to: a no-op but for a memory-mapped source (data.MappedRows), read on the host
+        batch = {key: self.train_data[key].index_select(0, idx).to(self.device) for key in ("x", *self.context)}
         batch["x"] = as_float(batch["x"])  # 8-bit data become float here, unbinarized
         return batch
 
@@ -252,7 +253,7 @@ class Trainer:
         if data is None:
             return {}
         n = len(data["x"]) if self.config.eval_examples is None else min(len(data["x"]), self.config.eval_examples)
-        data = {key: value[:n] for key, value in data.items()}
+        data = {key: value[:n].to(self.device) for key, value in data.items()}
         data["x"] = as_float(data["x"])
         if self.config.binarizes:  # one fixed binarization of the evaluation set, the same at every evaluation
             data["x"] = binarize_fixed(data["x"], seed=self.config.seed + 7919)
@@ -328,7 +329,7 @@ class Trainer:
                         self.last_eval = result
                         log.write(result)
                         if not self.context:  # a model given context has a prior per example: no samples drawn
-                            x = (self.valid_data or self.train_data)["x"][:8]
+                            x = (self.valid_data or self.train_data)["x"][:8].to(self.device)
                             log.pictures(self.model, x, self.config.seed, self.step)
                         if result["elbo"] > self.best_elbo:
                             self.best_elbo = result["elbo"]
