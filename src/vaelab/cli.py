@@ -288,6 +288,11 @@ def _load(run_dir: str):
 def _eval_data(run, split: str, examples: int | None, seed: int):
     from vaelab.data import as_float, binarize_fixed
 
+    if getattr(run.model, "context", ()):  # evaluate.py's estimators take x alone, not the context to bind
+        raise UserError(
+            f"{run.run_dir}: the model asks for context ({', '.join(run.model.context)}), which vaelab eval, report, "
+            f"reconstruct and compare do not pass yet; evaluate it from Python with model.given(...)"
+        )
     splits = _load_splits(run.config, run.run_dir)
     data = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
     if len(data) == 0:
