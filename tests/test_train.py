@@ -632,7 +632,8 @@ def test_resume_uses_the_saved_config(tmp_path):
 
 
 # --- data as aligned tensors, models with context --------------------------------------------------------------------
-def test_a_model_with_context_trains_and_validates_given_each_examples_labels(tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_model_with_context_trains_and_validates_given_each_examples_labels(tmp_path, compile):
     # The Trainer gathers x and y with one index and trains model.given(y=...); validation binds each example's label.
     # The model's encoder is its exact posterior, so the validation ELBO (joint form: log p(x,z) - log q(z|x) at one
     # z) and IWAE bound are the exact mean log p(x|y) of its current weights for any draw, up to float32 rounding
@@ -645,9 +646,10 @@ def test_a_model_with_context_trains_and_validates_given_each_examples_labels(tm
     model = ClassMeanGaussian(6, 2, classes=3, seed=5)  # another start
     before = model.log_marginal_exact(x[1000:], y[1000:]).mean()
     config = small_config(max_steps=300, binarize=False, likelihood="gaussian", lr=0.02, eval_every=300,
-                          eval_examples=None, form="joint")  # fmt: skip
+                          eval_examples=None, form="joint", compile=compile)  # fmt: skip
     trainer = Trainer(config, {"x": x[:1000], "y": y[:1000]}, {"x": x[1000:], "y": y[1000:]}, tmp_path, model=model)
     result = trainer.fit().last_eval
+    assert trainer.take_step.compiled == compile  # compiled: the whole step and validation's log p(x), bound inside
     exact = model.log_marginal_exact(x[1000:], y[1000:]).mean()
     allowed = tolerance(torch.tensor(0.0), exact.float())  # rounding slack of the float32 computation, no stderr
     for key in ("elbo", "iwae_10"):
