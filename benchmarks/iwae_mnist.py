@@ -27,7 +27,7 @@ import torch
 from provenance import RESULTS, write_results
 
 import vaelab
-from vaelab.data import binarize_fixed, load_dataset
+from vaelab.data import as_float, binarize_fixed, load_dataset
 from vaelab.train import TrainConfig, Trainer
 
 
@@ -61,6 +61,7 @@ def evaluate(model, test: torch.Tensor, *, k: int, batch: int, device: torch.dev
 
 
 def main(argv=None) -> int:
+    vaelab.keep_freed_memory()  # opt in, as the command line does: glibc keeps freed memory (vaelab._malloc)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="where MNIST is (default: vaelab's search order)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs per model (default: %(default)s)")
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     splits = load_dataset("mnist", data_dir=args.data_dir, validation_size=0)
-    train_x = splits.train.reshape(len(splits.train), -1)
-    test_x = binarize_fixed(splits.test.reshape(len(splits.test), -1), seed=0)[: args.test_examples]
+    train_x = as_float(splits.train).reshape(len(splits.train), -1)
+    test_x = binarize_fixed(as_float(splits.test).reshape(len(splits.test), -1), seed=0)[: args.test_examples]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {
         "benchmark": "iwae-1layer on dynamically binarized MNIST",

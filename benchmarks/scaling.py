@@ -47,7 +47,8 @@ import torch
 from logpx_eval import _reset_peak, _status_mib
 from provenance import DEFAULT_DATA_DIR, REPO, RESULTS, command_line, vaelab_commit, write_results
 
-from vaelab.data import binarize_fixed, load_dataset
+import vaelab
+from vaelab.data import as_float, binarize_fixed, load_dataset
 from vaelab.estimators import log_marginal
 from vaelab.train import TrainConfig, Trainer, build_model
 
@@ -234,12 +235,13 @@ def load_images(data_dir: str, n_test: int, n_train: int) -> tuple[torch.Tensor,
         g = torch.Generator().manual_seed(0)
         test = torch.bernoulli(torch.rand(n_test, PIXELS, generator=g), generator=g)
         return test, torch.rand(n_train, PIXELS, generator=g), "uniform noise (test images through torch.bernoulli)"
-    test = binarize_fixed(splits.test.reshape(len(splits.test), -1)[:n_test], seed=0)
-    train = splits.train.reshape(len(splits.train), -1)[:n_train].clone()
+    test = binarize_fixed(as_float(splits.test).reshape(len(splits.test), -1)[:n_test], seed=0)
+    train = as_float(splits.train).reshape(len(splits.train), -1)[:n_train].clone()
     return test, train, "MNIST: test images by binarize_fixed(seed=0); training images binarized at every step"
 
 
 def main(argv=None) -> int:
+    vaelab.keep_freed_memory()  # opt in, as the command line does: glibc keeps freed memory (vaelab._malloc)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where MNIST is (default: %(default)s)")
     p.add_argument("--ks", default="100,300,1000,3000,10000,30000", help="k, 100 images (default: %(default)s)")

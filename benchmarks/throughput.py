@@ -63,7 +63,7 @@ from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab_commit, w
 from torch import nn
 
 import vaelab
-from vaelab.data import binarize_fixed, load_dataset
+from vaelab.data import as_float, binarize_fixed, load_dataset
 from vaelab.nets import init_decoder_bias
 from vaelab.train import TrainConfig, Trainer, build_model
 
@@ -420,8 +420,8 @@ def main(argv=None) -> int:
     print(f"float32 matmul peak: {peak['peak_gflops']:.1f} GFLOP/s", flush=True)
 
     splits = load_dataset("mnist", data_dir=args.data_dir, validation_size=0)
-    train_x = splits.train.reshape(len(splits.train), -1).contiguous()  # (60000, 784), one tensor
-    test_x = binarize_fixed(splits.test.reshape(len(splits.test), -1), seed=0)[: args.test_examples]
+    train_x = as_float(splits.train).reshape(len(splits.train), -1).contiguous()  # (60000, 784), one tensor
+    test_x = binarize_fixed(as_float(splits.test).reshape(len(splits.test), -1), seed=0)[: args.test_examples]
 
     classes: list[Callable] = [VaelabTrainer, VaelabCompiled, VaelabCompiledBf16, HandLoop, HandLoopReplicate]
     pythae_class = pythae_factory()

@@ -128,6 +128,31 @@ def test_train_interrupt_resume_eval_sample(tmp_path):
 
 
 @needs_mnist
+def test_a_run_finds_its_data_where_it_trained_and_says_when_it_moved(tmp_path):
+    # as scripts/run.sh then the README: trained with VAELAB_DATA_DIR set, then evaluated from a fresh shell without it
+    copy = tmp_path / "elsewhere" / "mnist"
+    copy.mkdir(parents=True)
+    for f in (DATA / "mnist").glob("*.gz"):
+        (copy / f.name).symlink_to(f)
+    run = tmp_path / "run"
+    trained = dict(os.environ, VAELAB_DATA_DIR=str(tmp_path / "elsewhere"), VAELAB_OFFLINE="1")
+    vaelab("train", *SMALL, "--max-steps", "4", "--out", run, env=trained, check=True)
+    assert json.loads((run / "data.json").read_text()) == {"dataset": "mnist", "source": str(copy.resolve())}
+    fresh = {k: v for k, v in os.environ.items() if k != "VAELAB_DATA_DIR"}
+    fresh.update(VAELAB_OFFLINE="1", XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path / "home"))
+    vaelab("eval", run, "--k", "5", "--examples", "20", "--fast", "--no-progress", env=fresh, check=True)
+    vaelab("reconstruct", run, "--n", "4", env=fresh, check=True)
+
+    copy.rename(tmp_path / "elsewhere" / "moved")  # the data moved: a one-line error naming the place and the fix
+    proc = vaelab("eval", run, "--k", "5", "--examples", "20", "--fast", "--no-progress", env=fresh)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert str(copy.resolve()) in line and "set VAELAB_DATA_DIR" in line and "Traceback" not in proc.stderr
+    moved = dict(fresh, VAELAB_DATA_DIR=str(tmp_path / "elsewhere" / "moved"))
+    vaelab("eval", run, "--k", "5", "--examples", "20", "--fast", "--no-progress", env=moved, check=True)
+
+
+@needs_mnist
 def test_config_file_preset_and_flags_precedence(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('preset = "mlp"\nlatent_dim = 8\nlr = 0.002\n[architecture_options]\nhidden = [32]\n')

@@ -28,7 +28,9 @@ import torch
 from vaelab.data import (
     DATASETS,
     DataError,
+    MappedRows,
     Splits,
+    as_float,
     binarize_dynamic,
     binarize_fixed,
     binarize_with_bits,
@@ -83,10 +85,11 @@ def mnist() -> Splits:
     return load_dataset("mnist", data_dir=DATA, download=False)
 
 
-def _check_images(x: torch.Tensor, n: int) -> None:
+def _check_images(x: torch.Tensor, n: int, dtype: torch.dtype = torch.uint8) -> None:
+    """8-bit images are held as uint8 (as_float converts them); binarized MNIST as float32 0/1."""
     assert x.shape == (n, 1, 28, 28)
-    assert x.dtype == torch.float32
-    assert 0 <= x.min() and x.max() <= 1
+    assert x.dtype == dtype
+    assert 0 <= as_float(x).min() and as_float(x).max() <= 1
 
 
 def _write_idx(path: Path, array: np.ndarray, *, compress: bool = False, type_code: int = 0x08) -> Path:
@@ -126,7 +129,8 @@ def test_mnist_shapes_ranges_and_label_counts(mnist):
     assert len(all_train) == 60000
     assert torch.bincount(all_train).tolist() == MNIST_TRAIN_COUNTS
     assert torch.bincount(mnist.test_labels).tolist() == MNIST_TEST_COUNTS
-    assert mnist.train.max() == 1 and mnist.train.mean().item() == pytest.approx(0.1307, abs=5e-4)  # MNIST's mean
+    train = as_float(mnist.train)
+    assert train.max() == 1 and train.mean().item() == pytest.approx(0.1307, abs=5e-4)  # MNIST's mean
 
 
 @needs_fashion
@@ -146,7 +150,7 @@ def test_binarized_mnist_is_binary_with_its_own_split():
     splits = load_dataset("binarized-mnist", data_dir=DATA, validation_size=123, download=False)
     seconds = time.perf_counter() - start
     for x, n in ((splits.train, 50000), (splits.valid, 10000), (splits.test, 10000)):
-        _check_images(x, n)
+        _check_images(x, n, torch.float32)
         assert torch.equal(x, (x == 1).float())  # exactly 0 or 1
     assert splits.binary and splits.train_labels is None and splits.test_labels is None
     # pixel means recorded in the data folder's README
@@ -191,6 +195,71 @@ def test_uncompressed_files_and_the_dotted_spelling_are_read_and_checksummed(tmp
     splits = load_dataset("mnist", data_dir=folder, download=False)
     assert splits.source == folder
     assert torch.equal(splits.train, mnist.train) and torch.equal(splits.test_labels, mnist.test_labels)
+
+
+@needs_mnist
+def test_8_bit_data_are_held_as_uint8_and_batches_are_the_float_values_bit_for_bit(tmp_path, mnist):
+    # 4x less memory than float32: the Trainer keeps the uint8 tensor and converts each batch; the batches are
+    # exactly what the float32 data (as loaded before: uint8 as float32, divided by 255) gave
+    from vaelab.train import TrainConfig, Trainer
+
+    images = read_idx(MNIST_DIR / "train-images-idx3-ubyte.gz")  # uint8 [60000, 28, 28]
+    train_idx, _ = split_indices(60000, 10000, seed=0)
+    old = torch.from_numpy(images.numpy()[train_idx.numpy()].astype(np.float32)).div_(255.0).unsqueeze(1)
+    assert mnist.train.dtype == torch.uint8 and mnist.train.nbytes * 4 == old.nbytes
+    config = TrainConfig(max_steps=3, batch_size=100, progress=False, architecture_options={"hidden": [8]})
+    held = Trainer(config, mnist.train, None, tmp_path / "uint8")
+    reference = Trainer(config, old, None, tmp_path / "float")
+    assert held.train_data["x"].dtype == torch.uint8
+    for step in (0, 1, 499, 500, 12345):  # across epochs
+        got, expected = held._batch(step)["x"], reference._batch(step)["x"]
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_npy_is_memory_mapped_not_read(tmp_path):
+    # A 114 MiB uint8 .npy: loaded as a mapping (np.memmap), split by index, batches read on demand; the process's
+    # own resident memory (RssAnon) grows by far less than the file when the Trainer is built and takes steps
+    import subprocess
+    import textwrap
+
+    n, d = 150_000, 800
+    array = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(n, d))
+    array[:] = np.random.default_rng(0).integers(0, 256, (1, d), dtype=np.uint8)  # one row repeated: cheap to write
+    array[::1000, 0] = np.arange(n // 1000) % 256  # a few rows told apart
+    array.flush()
+    del array
+    np.save(tmp_path / "small.npy", np.full((200, d), 7, dtype=np.uint8))
+    splits = load_dataset(tmp_path / "big.npy", validation_size=1000, seed=0)
+    assert isinstance(splits.train, MappedRows) and isinstance(splits.train.array, np.memmap)
+    assert splits.train.shape == (n - 1000, d) and splits.train.dtype == torch.uint8 and len(splits.valid) == 1000
+    train_idx, _ = split_indices(n, 1000, seed=0)
+    rows = torch.tensor([0, 5, n - 1001])
+    expected = np.load(tmp_path / "big.npy", mmap_mode="r")[train_idx[rows].numpy()]
+    assert torch.equal(splits.train.index_select(0, rows), torch.from_numpy(expected))
+    script = textwrap.dedent(f"""
+        import torch
+        from vaelab.data import load_dataset
+        from vaelab.train import TrainConfig, Trainer
+        torch.set_num_threads(1)
+        def rss_mb():  # the process's own memory; pages of the mapped file are the page cache's, reclaimable
+            status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+            return int(status["RssAnon"].split()[0]) / 1024
+        config = TrainConfig(max_steps=5, batch_size=50, likelihood="continuous-bernoulli", binarize=False,
+                             init_decoder_bias=False, progress=False, architecture_options={{"hidden": [8]}},
+                             latent_dim=2, eval_examples=100, eval_k=2)
+        def train(data, run_dir):
+            trainer = Trainer(config, data.train, data.valid, run_dir)
+            for _ in range(5):
+                trainer.train_step()
+        # torch's own first-use memory, out of the count:
+        train(load_dataset({str(tmp_path / "small.npy")!r}, validation_size=50), {str(tmp_path / "warm-up")!r})
+        before = rss_mb()
+        train(load_dataset({str(tmp_path / "big.npy")!r}, validation_size=1000), {str(tmp_path / "run")!r})
+        print(rss_mb() - before)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grown = float(done.stdout.split()[-1])
+    assert grown < 30, f"resident memory grew by {grown:.0f} MiB for a {n * d / 2**20:.0f} MiB file"
 
 
 # --- the search order -------------------------------------------------------------------------------------------------
@@ -473,7 +542,8 @@ def test_npz_with_labels_and_its_own_splits(tmp_path):
     np.savez(path, x=x, y=y, x_valid=x[:4] / 255.0, x_test=(x[:6] > 127), y_test=y[:6])
     splits = load_dataset(path)
     assert splits.name == "toy" and splits.source == path and splits.data_shape == (1, 5, 5)
-    assert torch.equal(splits.train, torch.from_numpy(x).float() / 255)  # x_valid given: nothing carved
+    assert splits.train.dtype == torch.uint8 and torch.equal(splits.train, torch.from_numpy(x))  # kept 8-bit
+    assert torch.equal(as_float(splits.train), torch.from_numpy(x).float() / 255)  # x_valid given: nothing carved
     assert splits.valid.dtype == torch.float32 and splits.valid.shape == (4, 1, 5, 5) and splits.valid_labels is None
     assert (
         torch.equal(splits.test, torch.from_numpy(x[:6] > 127).float())
@@ -548,7 +618,7 @@ def test_image_folder(tmp_path):
         image.fromarray(p).save(flat / f"{i}.png")
     splits = load_dataset(flat, validation_size=1, seed=0)
     _, valid_idx = split_indices(4, 1, seed=0)
-    assert torch.equal(splits.valid, torch.from_numpy(pixels[valid_idx.numpy(), None]).float() / 255)
+    assert torch.equal(as_float(splits.valid), torch.from_numpy(pixels[valid_idx.numpy(), None]).float() / 255)
     assert splits.train.shape == (3, 1, 6, 5) and splits.train_labels is None
 
     classes = tmp_path / "classes"

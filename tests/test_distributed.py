@@ -25,7 +25,17 @@ z = torch.randn(2000, 4, generator=g)
 data = torch.bernoulli(torch.sigmoid(z @ W), generator=g)
 cfg = TrainConfig(architecture_options={"hidden": [64]}, latent_dim=4, batch_size=50, epochs=4, log_every=8,
                   eval_k=20, progress=False)
-train(cfg, data[:1600], data[1600:], sys.argv[1])
+train_x, valid_x = data[:1600], data[1600:]
+if len(sys.argv) > 2:  # the same data from a memory-mapped uint8 .npy (written by the first, single-process run)
+    import os
+    import numpy as np
+    from vaelab.data import MappedRows, load_dataset
+    if not os.path.exists(sys.argv[2]):
+        np.save(sys.argv[2], (data * 255).to(torch.uint8).numpy())
+    splits = load_dataset(sys.argv[2], validation_size=400)
+    assert isinstance(splits.train, MappedRows)
+    train_x, valid_x = splits.train, splits.valid
+train(cfg, train_x, valid_x, sys.argv[1])
 """
 
 TOLERANCE_NATS = 1.0
@@ -38,16 +48,19 @@ def _valid_lines(run_dir: Path) -> list[dict]:
     return [line for line in lines if line["split"] == "valid"]
 
 
-def test_two_process_torchrun_matches_single_process(tmp_path):
+@pytest.mark.parametrize("source", ["tensor", "npy"], ids=["in-memory", "memory-mapped-npy"])
+def test_two_process_torchrun_matches_single_process(tmp_path, source):
+    # "npy": each process maps the same uint8 file (vaelab.data.MappedRows) and reads its batches from it
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
         pytest.skip("torchrun not found beside the Python interpreter")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     single, double = tmp_path / "single", tmp_path / "double"
-    subprocess.run([sys.executable, str(driver), str(single)], check=True, timeout=300, capture_output=True)
+    extra = [str(tmp_path / "data.npy")] if source == "npy" else []
+    subprocess.run([sys.executable, str(driver), str(single), *extra], check=True, timeout=300, capture_output=True)
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(driver), str(double)],
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(driver), str(double), *extra],
         timeout=300,
         capture_output=True,
         text=True,

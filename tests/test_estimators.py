@@ -221,6 +221,29 @@ def test_naive_estimator_fails_when_posterior_is_narrow():
     assert bool(((informed.value - log_px).abs() < 0.1).all())
 
 
+def test_naive_estimator_draws_once_per_example_from_a_conditional_prior():
+    # a model given context has a prior of batch [B], p(z|y_b): naive Monte Carlo draws (k,) from it, each example
+    # from its own prior, and is unbiased for log p(x|y) (the model's exact posterior gives the IWAE value too)
+    from tiny import ClassMeanGaussian
+
+    torch.manual_seed(3)
+    model = ClassMeanGaussian(4, 2, classes=3, seed=1, dtype=DTYPE)
+    x, y = model.sample(5, classes=3, seed=2)
+    given = model.given(y)
+    assert tuple(given.prior.batch_shape) == (5,)
+    exact = model.log_marginal_exact(x, y)
+    with torch.no_grad():
+        naive = vaelab.log_marginal(given, x, k=20000, proposal="prior")
+        assert_within_stderr(naive.value, exact, naive.stderr, "naive log p(x|y)")
+        assert naive.value.shape == (5,) and bool((naive.stderr > 0).all())
+        iwae = vaelab.log_marginal(given, x, k=10)  # exact posterior: every log-weight is log p(x|y)
+        assert_within_stderr(iwae.value, exact, torch.zeros(5), "IWAE with the exact posterior")
+        wrong = vaelab.log_marginal(model.given((y + 1) % 3), x, k=20000, proposal="prior")
+    assert bool(((wrong.value - exact).abs() > 1).any())  # the context matters
+    with pytest.raises(ValueError, match=r"batch shape \[\] or \[B\] = \[5\], got \[2\]"):
+        vaelab.log_marginal(model.given(y[:2]), x, k=10, proposal="prior")
+
+
 # --- the posterior gap ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", sorted(QS))
 def test_posterior_gap_matches_exact_kl_to_true_posterior(which):

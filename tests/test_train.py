@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vaelab.checkpoint import CheckpointError, load_checkpoint
+from vaelab.steps import EagerStep, WholeStep
 from vaelab.train import TrainConfig, Trainer, TrainingDiverged, build_model, latest_checkpoint, train
 
 DATA_DIM, LATENT_DIM = 64, 4
@@ -401,6 +402,17 @@ def test_values_outside_the_support_are_rejected_before_training(tmp_path, binar
         Trainer(small_config(max_steps=10, binarize=binarize), train_data, valid_data, tmp_path)
 
 
+def test_8_bit_data_are_checked_as_intensities(tmp_path):
+    # uint8 data stand for value / 255: in [0, 1] always (no scan needed for dynamic binarization), but a Bernoulli
+    # likelihood without binarization wants exactly 0 or 255, and the example at fault is named
+    valid = (VALID > 0.5).to(torch.uint8) * 255
+    Trainer(small_config(max_steps=10), (TRAIN * 255).round().to(torch.uint8), valid, tmp_path / "binarized")
+    valid[7, 3] = 128
+    message = r"valid_data has values outside the likelihood.s support \(Boolean\(\)\), first in example 7"
+    with pytest.raises(ValueError, match=message):
+        Trainer(small_config(max_steps=10, binarize=False), (TRAIN > 0.5).to(torch.uint8) * 255, valid, tmp_path / "b")
+
+
 def poison_decoder(model) -> None:
     model.decoder.output_layer.weight[0, 0] = math.nan
 
@@ -472,13 +484,13 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
             got = compiled.train_step()
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(), rtol=1e-4, atol=1e-5)
-    assert compiled._whole_step is not None and all(p.grad is None for p in compiled.model.parameters())
+    assert isinstance(compiled.take_step, WholeStep) and all(p.grad is None for p in compiled.model.parameters())
     if "grad_clip" in overrides:
         assert got["grad_norm"] > overrides["grad_clip"]  # the clipping was active
     torch.testing.assert_close(compiled.optimizer.state_dict(), eager.optimizer.state_dict(), rtol=1e-4, atol=1e-6)
     # once the objective has compiled, validation's log p(x) is compiled too: with torch's own random draws
     # (fallback_random) it draws the same samples as the eager trainer's, so the bounds agree to rounding
-    assert compiled._compiled_once
+    assert compiled.take_step.compiled
     import vaelab.estimators
 
     compiled_chunks = []
@@ -513,7 +525,7 @@ def test_compiled_step_synchronises_the_host_once_on_cuda(tmp_path):
                 trainer.train_step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert trainer._whole_step is not None
+    assert isinstance(trainer.take_step, WholeStep)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 5, syncs
 
@@ -543,11 +555,11 @@ def test_compilation_is_automatic_for_long_runs_only(tmp_path):
     assert TrainConfig().compile is None
     short = Trainer(small_config(max_steps=100), TRAIN, VALID, tmp_path / "short")
     assert short.total_steps * short.batch_size < AUTO_COMPILE_SAMPLES and not short.compiles
-    assert short._whole_step is None
+    assert type(short.take_step) is EagerStep
     steps = AUTO_COMPILE_SAMPLES // short.batch_size
     long = Trainer(small_config(max_steps=steps, epochs=10**6), TRAIN, VALID, tmp_path / "long")
     assert long.total_steps * long.batch_size >= AUTO_COMPILE_SAMPLES and long.compiles
-    assert long._whole_step is not None
+    assert isinstance(long.take_step, WholeStep)
     forced_off = small_config(max_steps=steps, epochs=10**6, compile=False)
     assert not Trainer(forced_off, TRAIN, VALID, tmp_path / "a").compiles
     assert Trainer(small_config(max_steps=100, compile=True), TRAIN, VALID, tmp_path / "b").compiles
@@ -568,7 +580,7 @@ def test_compiled_training_recovers_from_a_first_step_that_diverged(tmp_path):
         weight[0, 0] = saved
     stats = [trainer.train_step() for _ in range(3)]
     assert trainer.step == 3 and all(bool(torch.isfinite(s["loss"])) for s in stats)
-    assert trainer._whole_step is not None and trainer._compiled_once
+    assert isinstance(trainer.take_step, WholeStep) and trainer.take_step.compiled
 
 
 def test_compiled_training_resumes_from_its_checkpoint(tmp_path):
@@ -633,6 +645,105 @@ def test_resume_uses_the_saved_config(tmp_path):
     assert trainer.config == config and trainer.step == 20
 
 
+# --- data as aligned tensors, models with context --------------------------------------------------------------------
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_model_with_context_trains_and_validates_given_each_examples_labels(tmp_path, compile):
+    # The Trainer gathers x and y with one index and trains model.given(y=...); validation binds each example's label.
+    # The model's encoder is its exact posterior, so the validation ELBO (joint form: log p(x,z) - log q(z|x) at one
+    # z) and IWAE bound are the exact mean log p(x|y) of its current weights for any draw, up to float32 rounding
+    # (vaelab.tolerance's slack; no Monte Carlo error).
+    from tiny import ClassMeanGaussian
+    from vaelab.tolerance import tolerance
+
+    truth = ClassMeanGaussian(6, 2, classes=3, seed=0)
+    x, y = truth.sample(1200, classes=3, seed=1)
+    model = ClassMeanGaussian(6, 2, classes=3, seed=5)  # another start
+    before = model.log_marginal_exact(x[1000:], y[1000:]).mean()
+    config = small_config(max_steps=300, binarize=False, likelihood="gaussian", lr=0.02, eval_every=300,
+                          eval_examples=None, form="joint", compile=compile)  # fmt: skip
+    trainer = Trainer(config, {"x": x[:1000], "y": y[:1000]}, {"x": x[1000:], "y": y[1000:]}, tmp_path, model=model)
+    result = trainer.fit().last_eval
+    assert trainer.take_step.compiled == compile  # compiled: the whole step and validation's log p(x), bound inside
+    exact = model.log_marginal_exact(x[1000:], y[1000:]).mean()
+    allowed = tolerance(torch.tensor(0.0), exact.float())  # rounding slack of the float32 computation, no stderr
+    for key in ("elbo", "iwae_10"):
+        assert abs(result[key] - exact) <= allowed, (key, result[key], exact.item(), allowed.item())
+    # it learned, and learned class means: the labels really reached the model aligned with x
+    assert exact > before + 1
+    shuffled = y[1000:][torch.randperm(200, generator=torch.Generator().manual_seed(0))]
+    assert exact > model.log_marginal_exact(x[1000:], shuffled).mean() + 1
+    with pytest.raises(ValueError, match="the model asks for context y, which train_data does not hold"):
+        Trainer(config, x[:1000], None, tmp_path / "no-labels", model=model)
+    with pytest.raises(ValueError, match=r"train_data\['y'\] has 999 rows, not 1000 as x"):
+        Trainer(config, {"x": x[:1000], "y": y[:999]}, None, tmp_path / "misaligned", model=model)
+
+
+# --- optimizers -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [("adamw", {"weight_decay": 0.05}), ("sgd", {"momentum": 0.9})],
+    ids=["adamw", "sgd-momentum"],
+)
+def test_other_optimizers_train_and_resume_bit_identically(driver, tmp_path, optimizer, options):
+    # as the Adam runs above: killed after a checkpoint (SIGKILL, in a child process), resumed, bit for bit the
+    # uninterrupted run's weights and optimizer state (AdamW's moments, SGD's momentum buffers)
+    overrides = dict(optimizer=optimizer, optimizer_options=options, lr=0.01 if optimizer == "sgd" else 1e-3)
+    reference = tmp_path / "reference"
+    assert driver.run(reference, **overrides)["step"] == 160
+    first, last = lines(reference, "valid")[0], lines(reference, "valid")[-1]
+    assert last["elbo"] > first["elbo"] + 1  # it learns
+    meta = json.loads((reference / "checkpoints" / "step_00000160" / "state.json").read_text())
+    assert any(
+        key.startswith("optim") for key in load_file(reference / "checkpoints" / "step_00000160" / "state.safetensors")
+    )
+    assert next(iter(options)) in json.dumps(meta)  # the optimizer's own hyper-parameters were saved
+
+    proc = driver.start(tmp_path / "run", **overrides)
+    wait_until(proc, lambda: any(s >= 30 for s in step_checkpoints(tmp_path / "run")), "a checkpoint at step >= 30")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert driver.run(tmp_path / "run", resume=True, **overrides)["step"] == 160
+    for file in ("model.safetensors", "checkpoints/step_00000160/state.safetensors"):
+        assert_same_weights(tmp_path / "run" / file, reference / file)
+
+
+def test_the_step_is_chosen_once_by_optimizer_and_compilation(tmp_path):
+    from vaelab.steps import CompiledObjectiveStep
+
+    def step_kind(**overrides):
+        return type(Trainer(small_config(max_steps=5, **overrides), TRAIN, VALID, tmp_path / "x").take_step)
+
+    assert step_kind(compile=False) is EagerStep
+    assert step_kind(compile=True) is WholeStep  # plain Adam, one process
+    assert step_kind(compile=True, optimizer_options={"betas": [0.8, 0.99]}) is WholeStep
+    assert step_kind(compile=True, optimizer="adamw") is CompiledObjectiveStep
+    assert step_kind(compile=True, optimizer_options={"amsgrad": True}) is CompiledObjectiveStep
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'; choose from adam, adamw, sgd"):
+        small_config(optimizer="lbfgs")
+    with pytest.raises(ValueError, match=r"optimizer_options .* not accepted by 'sgd'"):
+        small_config(optimizer="sgd", optimizer_options={"betas": [0.9, 0.99]})
+
+
+def test_compiled_objective_step_matches_eager_for_adamw(tmp_path):
+    import torch._dynamo
+    import torch._inductor.config
+
+    config = small_config(max_steps=8, optimizer="adamw", optimizer_options={"weight_decay": 0.05})
+    eager = Trainer(config, TRAIN, VALID, tmp_path / "eager")
+    compiled = Trainer(dataclasses.replace(config, compile=True), TRAIN, VALID, tmp_path / "compiled")
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        for _ in range(4):
+            torch.manual_seed(eager.step)
+            expected = eager.train_step()
+            torch.manual_seed(compiled.step)
+            got = compiled.train_step()
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert compiled.take_step.compiled
+    torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(), rtol=1e-4, atol=1e-5)
+
+
 # --- schedules, objectives, config validation -------------------------------------------------------------------------
 def test_linear_kl_warmup_is_logged(tmp_path):
     config = small_config(max_steps=60, log_every=5, schedule="linear", schedule_options={"steps": 40})
@@ -687,7 +798,7 @@ def test_compiled_bf16_step_autocasts_inside_the_graph(tmp_path):
                 loss = trainer.train_step()["loss"].item()
         runs[bf16] = loss, trainer
     (loss32, trainer32), (loss16, trainer16) = runs[False], runs[True]
-    assert trainer16._whole_step is not None and trainer16._compiled_once
+    assert isinstance(trainer16.take_step, WholeStep) and trainer16.take_step.compiled
     assert loss16 != loss32 and abs(loss16 - loss32) < 0.05 * abs(loss32)
     weights16, weights32 = trainer16.model.state_dict(), trainer32.model.state_dict()
     assert all(w.dtype == torch.float32 for w in weights16.values())

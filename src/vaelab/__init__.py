@@ -1,5 +1,6 @@
 """vaelab: deep latent-variable models trained by the ELBO, with log-likelihood estimates you can trust."""
 
+from vaelab._malloc import keep_freed_memory
 from vaelab.estimators import (
     ElboParts,
     LogMarginal,
@@ -38,6 +39,7 @@ __all__ = [
     "elbo_integrands",
     "elbo_parts",
     "iwae_bound",
+    "keep_freed_memory",
     "load_run",
     "log_marginal",
     "log_weights",

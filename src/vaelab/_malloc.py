@@ -23,8 +23,9 @@ def keep_freed_memory() -> tuple[str, ...]:
 
     Settings the environment already makes (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``) are left alone:
     that is how to opt out. The cost is up to 256 MiB of freed memory kept for reuse instead of returned.
-    Called by the streamed estimators (:func:`vaelab.estimators.log_marginal`, ``posterior_gap``) on their first CPU
-    evaluation: the work whose allocation pattern needs it (training's does not, measured).
+    A process-wide setting, so the library never makes it on its own: the caller opts in (the ``vaelab`` command
+    line does at start, and so do the benchmarks), for the streamed estimators' sake (:func:`vaelab.log_marginal`,
+    ``posterior_gap``), whose allocation pattern needs it (training's does not, measured).
 
     Returns:
         The names of the settings applied; empty where the C library is not glibc.

@@ -232,3 +232,10 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state = _unflatten_optimizer(tensors, meta["optimizer"])
     optimizer.load_state_dict(state)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's weights alone as one safetensors file, written atomically (a run's final ``model.safetensors``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)

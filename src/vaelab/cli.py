@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -170,16 +171,48 @@ def resolve_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
-def _load_splits(config):
-    from vaelab.data import load_dataset
+DATA_RECORD = "data.json"  # in a run directory: where its data were found when it trained
 
-    return load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        validation_size=config.validation_size,
-        seed=config.seed,
-        max_examples=config.max_examples,
-    )
+
+def _load_splits(config, run_dir: str | Path | None = None):
+    """The run's data: first where the run recorded finding it (``RUN_DIR/data.json``), then the usual search
+    (``data_dir``, ``$VAELAB_DATA_DIR``, the cache; for a path, as given, then by name in ``$VAELAB_DATA_DIR``)."""
+    from vaelab.data import DATASETS, DataError, load_dataset
+
+    record = Path(run_dir) / DATA_RECORD if run_dir is not None else None
+    recorded = json.loads(record.read_text())["source"] if record is not None and record.is_file() else None
+    dataset, data_dir = config.dataset, config.data_dir
+    if config.dataset in DATASETS:
+        data_dir = recorded if recorded is not None and Path(recorded).is_dir() else data_dir
+    elif recorded is not None and Path(recorded).exists():
+        dataset = recorded
+    elif not Path(dataset).exists():  # a path that moved: by its name, in $VAELAB_DATA_DIR's folders
+        folders = [Path(f) for f in os.environ.get("VAELAB_DATA_DIR", "").split(os.pathsep) if f]
+        dataset = next((str(f / Path(dataset).name) for f in folders if (f / Path(dataset).name).exists()), dataset)
+    options = dict(validation_size=config.validation_size, seed=config.seed, max_examples=config.max_examples)
+    try:
+        return load_dataset(dataset, data_dir=data_dir, **options)
+    except DataError as err:
+        if recorded is None:
+            raise
+        raise UserError(
+            f"the data {run_dir} trained on ({config.dataset}) are no longer at {recorded}, nor anywhere vaelab looks: "
+            f"set VAELAB_DATA_DIR to the folder that holds them now"
+        ) from err
+
+
+def _record_data(run_dir: str | Path, splits) -> None:
+    """Write where the data were found (resolved) into the run directory, for eval, report and compare."""
+    from vaelab.checkpoint import atomic_write_text
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    record = {"dataset": splits.name, "source": str(Path(splits.source).resolve())}
+    atomic_write_text(Path(run_dir) / DATA_RECORD, json.dumps(record, indent=2))
+
+
+def _with_labels(x, labels):
+    """Training data for the Trainer: x, with its labels as ``y`` where there are any (read by models that ask)."""
+    return x if labels is None else {"x": x, "y": labels}
 
 
 def _auto_dataset(data_dir) -> str:
@@ -215,8 +248,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"data: {splits.name} from {splits.source}: train {tuple(splits.train.shape)}, "
         f"valid {tuple(splits.valid.shape)}, test {tuple(splits.test.shape)}"
     )
-    valid = splits.valid if len(splits.valid) else None
-    trainer = Trainer(config, splits.train, valid, args.out, resume=args.resume)
+    valid = _with_labels(splits.valid, splits.valid_labels) if len(splits.valid) else None
+    trainer = Trainer(config, _with_labels(splits.train, splits.train_labels), valid, args.out, resume=args.resume)
+    _record_data(args.out, splits)
     result = trainer.fit()
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
@@ -242,14 +276,18 @@ def _load(run_dir: str):
 
 
 def _eval_data(run, split: str, examples: int | None, seed: int):
-    from vaelab.data import binarize_fixed
+    from vaelab.data import as_float, binarize_fixed
 
-    splits = _load_splits(run.config)
+    if getattr(run.model, "context", ()):  # evaluate.py's estimators take x alone, not the context to bind
+        raise UserError(
+            f"{run.run_dir}: the model asks for context ({', '.join(run.model.context)}), which vaelab eval, report, "
+            f"reconstruct and compare do not pass yet; evaluate it from Python with model.given(...)"
+        )
+    splits = _load_splits(run.config, run.run_dir)
     data = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
     if len(data) == 0:
         raise UserError(f"the {split} split of {splits.name} is empty")
-    if examples is not None:
-        data = data[:examples]
+    data = as_float(data if examples is None else data[:examples])
     if run.config.binarizes and not splits.binary:
         data = binarize_fixed(data, seed=seed)  # the fixed-seed binarization of the evaluation protocol
     device = next(run.model.parameters()).device
@@ -291,10 +329,14 @@ def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 def _baselines(run, x) -> dict:
     """Every baseline of :data:`vaelab.baselines.BASELINES` for this run, as JSON: result or "not applicable: ..."."""
     from vaelab.baselines import run_baselines
+    from vaelab.data import as_float
     from vaelab.estimators import latent_dim
     from vaelab.report import as_json
 
-    return as_json(run_baselines(run.model, x, lambda: _load_splits(run.config).train, latent_dim(run.model)))
+    def train():  # read only if a baseline applies
+        return as_float(_load_splits(run.config, run.run_dir).train)
+
+    return as_json(run_baselines(run.model, x, train, latent_dim(run.model)))
 
 
 def torch_seed(seed: int) -> None:
@@ -419,7 +461,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     run = _load(args.run_dir)
     run_dir = Path(args.run_dir)
     x = _eval_data(run, "test", args.examples, args.seed)
-    labels = _load_splits(run.config).test_labels
+    labels = _load_splits(run.config, run_dir).test_labels
     labels = None if labels is None else labels[: len(x)]
     torch_seed(args.seed)
     progress = not args.no_progress
@@ -532,7 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vaelab._malloc import keep_freed_memory
     from vaelab.train import TrainingDiverged
+
+    keep_freed_memory()  # the command line opts in to glibc keeping freed memory (vaelab._malloc): eager log p(x)
 
     try:
         return args.func(args)

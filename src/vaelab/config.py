@@ -17,7 +17,8 @@ from vaelab.estimators import ELBO_FORMS
 from vaelab.likelihoods import LIKELIHOODS
 from vaelab.models import MODELS
 from vaelab.nets import ARCHITECTURES
-from vaelab.objectives import OBJECTIVES
+from vaelab.objectives import OBJECTIVES, check_objective_arguments
+from vaelab.optimizers import OPTIMIZERS, make_optimizer
 from vaelab.posteriors import POSTERIORS
 from vaelab.priors import PRIORS
 from vaelab.schedules import SCHEDULES, make_schedule
@@ -58,6 +59,8 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None  # stop after this many steps (overrides epochs when smaller)
     lr: float = 1e-3
+    optimizer: str = "adam"  # key of vaelab.optimizers.OPTIMIZERS: "adam", "adamw", "sgd"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # passed to it, e.g. {"weight_decay": 0.01}
     lr_decay: str = "none"  # "none" or "cosine" (to 0 at the last step)
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     binarize: bool | None = None  # dynamic binarization (a fresh Bernoulli draw of every batch); None: iff the
@@ -117,6 +120,9 @@ class TrainConfig:
         for name in OPTIONS:  # after the model's own check, which may say it does not use them at all
             check_options(self, name)
         check_objective_options(self)
+        if not isinstance(self.optimizer_options, dict):
+            raise ValueError(f"optimizer_options must be a dict, got {self.optimizer_options!r}")
+        make_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], self.lr, self.optimizer_options)
 
     @property
     def binarizes(self) -> bool:
@@ -157,6 +163,7 @@ REGISTRIES: dict[str, Mapping[str, Any]] = {
     "schedule": SCHEDULES,
     "lr_decay": LR_DECAYS,
     "form": dict.fromkeys(ELBO_FORMS),
+    "optimizer": OPTIMIZERS,
 }
 
 # field -> (the field naming what the options go to, the arguments the builder passes itself): the options must be
@@ -202,25 +209,7 @@ def check_objective_options(config: TrainConfig) -> None:
     if "form" in parameters:  # the config's form goes to the objectives that take one (as the Trainer passes it)
         options.setdefault("form", config.form)
     from_schedule = make_schedule(config.schedule, **config.schedule_options).objective_kwargs(0)
-    keyword = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
-    name = f"the {config.objective!r} objective"
-    twice = sorted(set(options) & set(from_schedule))
-    if twice:
-        raise ValueError(
-            f"{', '.join(twice)} of {name} is set by the {config.schedule!r} schedule: set it through schedule_options "
-            f"(--schedule-options), not objective_options"
-        )
-    unknown = sorted(set(options) - keyword)
-    if unknown:
-        choices = sorted(keyword - set(from_schedule) - {"k", "q"})
-        raise ValueError(f"unknown objective_options {', '.join(unknown)} for {name}; it takes {', '.join(choices)}")
-    supplied = {"k", *options, *from_schedule}
-    missing = [n for n, p in parameters.items() if n in keyword and p.default is p.empty and n not in supplied]
-    if missing:
-        where = f"objective_options (--objective-options '{{\"{missing[0]}\": ...}}')"
-        if set(missing) <= {"capacity", "gamma"}:  # what the capacity schedule supplies at every step
-            where = f"the capacity schedule (--schedule capacity), or {where}"
-        raise ValueError(f"{name} needs {', '.join(missing)}: set {'it' if len(missing) == 1 else 'them'} with {where}")
+    check_objective_arguments(config.objective, config.schedule, options, from_schedule)
 
 
 def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:

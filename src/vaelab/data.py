@@ -1,4 +1,4 @@
-"""Datasets: find the files, check them, and return float32 train/valid/test splits in [0, 1].
+"""Datasets: find the files, check them, and return train/valid/test splits: uint8 as stored, or floats in [0, 1].
 
 Named datasets live in the registry :data:`DATASETS` (``"mnist"``, ``"fashion-mnist"``, ``"binarized-mnist"``); any
 other ``name`` that is a path is read as generic data (a ``.npz`` or ``.npy`` file, a folder of IDX files, or a folder
@@ -35,7 +35,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,12 +46,16 @@ __all__ = [
     "DATASETS",
     "DataError",
     "DatasetSpec",
+    "MappedRows",
     "Splits",
+    "aligned_fields",
+    "as_float",
     "binarize_dynamic",
     "binarize_fixed",
     "download_dataset",
     "find_dataset",
     "load_dataset",
+    "mean_example",
     "read_idx",
     "split_indices",
 ]
@@ -63,12 +67,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Splits:
-    """A dataset split three ways: float32 examples ``[N, *data_shape]`` in [0, 1], optional int64 labels ``[N]``.
+    """A dataset split three ways: examples ``[N, *data_shape]``, optional int64 labels ``[N]``.
 
-    Images are ``[N, C, H, W]`` (MNIST-like data: ``[N, 1, 28, 28]``). ``valid`` may hold no examples (``M = 0``) when
-    ``validation_size=0``; ``test`` holds none for generic data without a test set. ``binary`` is True when every
-    value is exactly 0 or 1 (static binarization); ``source`` is the folder the files were read from (for a single
-    ``.npz``/``.npy`` file, the file).
+    Examples are held as the source stores them: ``uint8`` (0-255) for 8-bit sources (MNIST and Fashion-MNIST, image
+    folders, uint8 arrays), 4x less memory than float32, to be converted batch by batch with :func:`as_float`
+    (intensities in [0, 1], bit for bit the float32 values); float32 in [0, 1] for the others. A ``.npy`` file is
+    memory-mapped, not read: its splits are :class:`MappedRows`. Images are ``[N, C, H, W]`` (MNIST-like data:
+    ``[N, 1, 28, 28]``). ``valid`` may hold no examples (``M = 0``) when ``validation_size=0``; ``test`` holds none
+    for generic data without a test set. ``binary`` is True when every value is exactly 0 or 1 as an intensity
+    (static binarization); ``source`` is the folder the files were read from (for a single ``.npz``/``.npy`` file,
+    the file).
     """
 
     name: str
@@ -251,9 +259,10 @@ def _idx_labels(path: Path, images: np.ndarray, images_path: Path) -> tuple[np.n
     return labels, data
 
 
-def _to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W] (or [N, D]) -> float32 in [0, 1], with a channel axis for images: [N, 1, H, W]."""
-    x = torch.from_numpy(images.astype(np.float32)).div_(255.0)
+def _images(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W] (or [N, D]) as a uint8 tensor, with a channel axis for images: [N, 1, H, W]."""
+    writable = images.flags.writeable and images.flags.c_contiguous
+    x = torch.from_numpy(images if writable else np.array(images))  # a copy of a read-only buffer
     return x.unsqueeze(1) if x.ndim == 3 else x
 
 
@@ -305,7 +314,7 @@ def _carve(
     seed: int,
     binary: bool,
     source: Path,
-    convert: Callable = _to_float,
+    convert: Callable = _images,
 ) -> Splits:
     """Splits whose validation set is carved out of ``x`` (and ``y``) with :func:`split_indices`."""
     train_idx, valid_idx = split_indices(len(x), validation_size, seed)
@@ -662,12 +671,13 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def _check_values(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
-    """float32 tensor in [0, 1]: uint8 divided by 255, bool as 0/1, other types as they are (must lie in [0, 1])."""
+    """uint8 kept as it is (see :func:`as_float`); float32 in [0, 1] otherwise: bool as 0/1, other types as they
+    are (must lie in [0, 1])."""
     where = f"{path}: {key!r}" if key else f"{path}:"
     if x.ndim < 2:
         raise DataError(f"{where} expected examples along the first axis, [N, ...], got shape {list(x.shape)}")
     if x.dtype == np.uint8:
-        return torch.from_numpy(x.astype(np.float32)).div_(255.0)
+        return _images(x) if x.ndim == 2 else torch.from_numpy(x if x.flags.writeable else np.array(x))
     if x.dtype.kind not in "biuf":
         raise DataError(f"{where} expected numbers, got dtype {x.dtype}")
     values = x.astype(np.float32)
@@ -716,7 +726,7 @@ def _finish(
     if test is None:
         test = (x[:0].clone(), None if y is None else y[:0])
     checked = [x, test[0]] + ([] if valid is None else [valid[0]])
-    binary = all(bool(((t == 0) | (t == 1)).all()) for t in checked)
+    binary = all(_binary(t) for t in checked)
     if valid is None:
         return _carve(
             name, x, y, test, validation_size=validation_size, seed=seed, binary=binary, source=source,
@@ -729,15 +739,20 @@ def _finish(
     return Splits(name, x, valid[0], test[0], labels(y), labels(valid[1]), labels(test[1]), binary, source)
 
 
+def _binary(x: torch.Tensor, rows: int = 1 << 14) -> bool:
+    """Whether every value of ``x`` is 0 or 1 as intensities (uint8: 0 or 255), ``rows`` examples at a time."""
+    one = 255 if x.dtype == torch.uint8 else 1
+    return all(bool(((c == 0) | (c == one)).all()) for c in x.split(rows))
+
+
 def _load_array_file(path: Path, *, validation_size: int, seed: int) -> Splits:
     """A ``.npy`` array, or a ``.npz`` with ``x`` (or a single array), optional ``y``, ``x_valid``/``y_valid``,
     ``x_test``/``y_test``."""
+    if path.suffix == ".npy":
+        return _load_mapped(path, validation_size=validation_size, seed=seed)
     try:
-        if path.suffix == ".npy":
-            arrays = {"x": np.load(path, allow_pickle=False)}
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {k: archive[k] for k in archive.files}
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: cannot be read as a NumPy {path.suffix} file ({err})") from None
     if "x" not in arrays:
@@ -754,6 +769,64 @@ def _load_array_file(path: Path, *, validation_size: int, seed: int) -> Splits:
             extra[part] = (xs, ys)
     return _finish(path.stem, x, y, extra.get("valid"), extra.get("test"), validation_size=validation_size,
                    seed=seed, source=path)  # fmt: skip
+
+
+class MappedRows:
+    """Rows of a memory-mapped ``.npy`` array, read only when asked for: a split of a dataset larger than memory.
+
+    Enough of a tensor's interface for the Trainer and the command line: ``len``, ``shape``, ``dtype``, ``ndim``,
+    ``rows[i]`` / ``rows[a:b]`` and ``rows.index_select(0, idx)`` (each reads those rows into a CPU tensor: uint8
+    as stored, any other type as float32). The Trainer leaves it where it is and moves each batch to its device.
+    Under torchrun every process maps the same file: the operating system's page cache holds it once.
+    """
+
+    def __init__(self, array: np.ndarray, index: np.ndarray | None = None):
+        self.array, self.index = array, index  # index: which rows of the array, in order (None: all)
+        self.shape = torch.Size([len(array) if index is None else len(index), *array.shape[1:]])
+        self.dtype = torch.uint8 if array.dtype == np.uint8 else torch.float32
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, rows: np.ndarray) -> torch.Tensor:
+        values = self.array[rows if self.index is None else self.index[rows]]  # a copy: only these rows are read
+        return torch.from_numpy(values if values.dtype == np.uint8 else values.astype(np.float32))
+
+    def __getitem__(self, item) -> torch.Tensor:
+        if isinstance(item, slice):
+            return self._read(np.arange(len(self))[item])
+        if isinstance(item, torch.Tensor):
+            item = item.cpu().numpy()
+        return self._read(np.asarray(item))
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        if dim != 0:
+            raise ValueError("MappedRows selects rows (dim 0) only")
+        return self._read(index.cpu().numpy())
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def split(self, rows: int):
+        return (self[i : i + rows] for i in range(0, len(self), rows))
+
+
+def _load_mapped(path: Path, *, validation_size: int, seed: int, rows: int = 1 << 14) -> Splits:
+    """A ``.npy`` array, memory-mapped (``np.load(mmap_mode="r")``): checked ``rows`` examples at a time, split by
+    index (:func:`split_indices`), read batch by batch; no test set."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: cannot be read as a NumPy .npy file ({err})") from None
+    if array.ndim < 2 or array.dtype != np.uint8:  # uint8 needs no check: every value maps into [0, 1]
+        for start in range(0, max(len(array), 1), rows):
+            _check_values(array[start : start + rows], path, "")
+    train_idx, valid_idx = split_indices(len(array), validation_size, seed)
+    train, valid = MappedRows(array, train_idx.numpy()), MappedRows(array, valid_idx.numpy())
+    test = MappedRows(array, np.arange(0))
+    binary = _binary(MappedRows(array))
+    return Splits(path.stem, train, valid, test, None, None, None, binary, path)
 
 
 def _load_image_folder(folder: Path, *, validation_size: int, seed: int) -> Splits:
@@ -793,7 +866,7 @@ def _load_image_folder(folder: Path, *, validation_size: int, seed: int) -> Spli
             )
     stacked = np.stack(arrays)  # [N, H, W] or [N, H, W, 3]
     stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
-    x = torch.from_numpy(np.ascontiguousarray(stacked)).float().div_(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(stacked))  # uint8: see as_float
     return _finish(folder.name, x, labels, None, None, validation_size=validation_size, seed=seed, source=folder)
 
 
@@ -830,7 +903,7 @@ def load_dataset(
     download: bool | None = None,
     max_examples: int | None = None,
 ) -> Splits:
-    """Load a named dataset (a key of :data:`DATASETS`) or generic data at a path, as float32 splits in [0, 1].
+    """Load a named dataset (a key of :data:`DATASETS`) or generic data at a path, as uint8 or float32 splits.
 
     MNIST and Fashion-MNIST: test = the 10,000 t10k images; valid = ``validation_size`` training images picked by
     :func:`split_indices` with ``seed`` (fixed: the same for every run with the same seed); train = the rest.
@@ -839,7 +912,8 @@ def load_dataset(
     Generic data (``name`` a path; ``data_dir`` and ``download`` then play no part): a ``.npz`` with ``x`` (or its
     only array), optional integer labels ``y``, and optional ``x_valid``/``y_valid``, ``x_test``/``y_test``; a ``.npy``
     array; a folder with the four MNIST-style IDX files (not checksummed); or a folder of PNG/JPEG images (flat, or
-    one sub-folder per class). ``uint8`` values are divided by 255; other types must lie in [0, 1]. Without
+    one sub-folder per class). ``uint8`` values stay uint8 (0-255, :func:`as_float` divides them by 255 per batch);
+    other types are float32 and must lie in [0, 1]. Without
     ``x_valid`` the validation set is carved from ``x`` as above; without ``x_test`` the test set is empty.
 
     Args:
@@ -880,6 +954,46 @@ def load_dataset(
             )
         splits = _load_path(path, validation_size=validation_size, seed=seed)
     return _truncate(splits, max_examples)
+
+
+# --- 8-bit data, converted per batch ------------------------------------------------------------------------------
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """Examples as floats in [0, 1]: ``uint8`` divided by 255 in float32 (bit for bit the values a float32 copy of
+    the source holds), any floating tensor as it is. 8-bit sources are kept as ``uint8`` (4x less memory than
+    float32) and converted batch by batch with this."""
+    if isinstance(x, MappedRows):
+        x = x[:]
+    return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def mean_example(x: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
+    """The mean example ``[*data_shape]`` of ``x [N, ...]`` (uint8 or float), ``rows`` at a time: no float copy of
+    the whole of ``x`` (which may be 8-bit, or memory-mapped)."""
+    if x.is_floating_point() and x.shape[0] <= rows:
+        return x.mean(0)
+    total = sum(as_float(x[i : i + rows]).double().sum(0) for i in range(0, x.shape[0], rows))
+    return (total / x.shape[0]).to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
+
+
+# A training or evaluation set: x alone, or aligned tensors {"x": [N, ...], "y": [N], ...} (x may be MappedRows).
+Data = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def aligned_fields(data: Data | None, name: str, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """``data`` as a dict of aligned tensors on ``device`` (``{"x": data}`` for a lone tensor), checked: ``x`` is
+    ``[N, *data_shape]`` and every field has N rows. A batch takes the same rows of every field."""
+    if data is None:
+        return None
+    fields = dict(data) if isinstance(data, Mapping) else {"x": data}
+    x = fields.get("x")
+    if x is None or x.ndim < 2 or x.shape[0] < 1:
+        shape = None if x is None else tuple(x.shape)
+        raise ValueError(f"{name} must be x [N, *data_shape] with N >= 1 (or a dict holding it as 'x'), got {shape}")
+    for key, value in fields.items():
+        if len(value) != len(x):
+            raise ValueError(f"{name}[{key!r}] has {len(value)} rows, not {len(x)} as x: the fields must be aligned")
+    # moved to the device once; a mapping stays where it is (batches are read from it, then moved)
+    return {key: value if isinstance(value, MappedRows) else value.to(device) for key, value in fields.items()}
 
 
 # --- binarization -----------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from typing import Literal
 import torch
 from torch.distributions import Distribution, constraints, kl_divergence
 
-from vaelab._malloc import keep_freed_memory
 from vaelab._math import log_mean_exp
 
 ElboForm = Literal["joint", "entropy", "kl"]
@@ -141,10 +140,15 @@ def check_values(
     """Raise ``ValueError`` unless every value of ``x [N, ...]`` is finite and inside ``support``.
 
     The message names the first offending example (row) and the support (as ``support_name`` where given). Works
-    through ``rows`` examples at a time, so a whole dataset can be checked once without a temporary of its size.
+    through ``rows`` examples at a time, so a whole dataset can be checked once without a temporary of its size;
+    uint8 data (and :class:`vaelab.data.MappedRows`) are checked as the intensities they stand for (/ 255).
     """
+    if x.dtype == torch.uint8 and bool(support.check(torch.arange(256) / 255.0).all()):
+        return  # every value 8-bit data can stand for is inside the support: nothing to read
     for start in range(0, x.shape[0], rows):
         chunk = x[start : start + rows]
+        if chunk.dtype == torch.uint8:  # 8-bit data as the intensities they stand for (vaelab.data.as_float)
+            chunk = chunk.to(torch.float32).div_(255.0)
         # One pass in the common case: a bounded support's check already fails on NaN and inf.
         ok = support.check(chunk) if support in _BOUNDED_SUPPORTS else torch.isfinite(chunk)
         row_ok = ok.reshape(ok.shape[0], -1).all(1)
@@ -194,6 +198,14 @@ def _posterior(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
             f"got batch {list(q.batch_shape)} and event {list(q.event_shape)}"
         )
     return q
+
+
+def _per_example(prior: Distribution, x: torch.Tensor) -> bool:
+    """Whether ``prior`` has one distribution per example of ``x`` (batch ``[B]``) rather than one for all (``[]``)."""
+    batch = tuple(prior.batch_shape)
+    if batch not in ((), (x.shape[0],)):
+        raise ValueError(f"the prior must have batch shape [] or [B] = [{x.shape[0]}], got {list(batch)}")
+    return batch != ()
 
 
 def _draw(dist: Distribution, shape: tuple[int, ...]) -> torch.Tensor:
@@ -291,7 +303,9 @@ def elbo(model, x: torch.Tensor, *, k: int = 1, form: ElboForm = "joint", q: Dis
 def _log_weights(model, x: torch.Tensor, proposal: Distribution | None, k: int) -> torch.Tensor:
     """``log w [k, B]`` for already-validated inputs; ``proposal=None`` means the prior (naive Monte Carlo)."""
     if proposal is None:
-        z = _draw(model.prior, (k, x.shape[0]))  # (K, B, d)
+        prior = model.prior
+        # a prior of batch [] (p(z)) is drawn (K, B); one of batch [B] (p(z|y), a model given context) is drawn (K,)
+        z = _draw(prior, (k,) if _per_example(prior, x) else (k, x.shape[0]))  # (K, B, d)
         return model.decode(z).log_prob(x)  # log p(x|z): the prior terms cancel exactly
     z = _draw(proposal, (k,))  # (K, B, d)
     return model.decode(z).log_prob(x) + model.prior.log_prob(z) - proposal.log_prob(z)
@@ -520,8 +534,6 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefix
     if chunk_size is None:
         chunk_size = _auto_chunk(model, x, k, compiled=compile)
     _check_count(chunk_size, "chunk_size")
-    if x.device.type == "cpu":
-        keep_freed_memory()  # else glibc may re-fault every chunk's temporaries: up to 2x slower (vaelab._malloc)
     stats = _WeightStats(tail=tail, prefixes=prefixes)
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
         r = _posterior(model, x, q) if proposal == "posterior" else None
@@ -572,9 +584,9 @@ def log_marginal(
     batch shape, so worth it for long evaluations (docs/performance.md). Same estimator, different random draws. If
     compilation fails (e.g. no C++ compiler), a warning says so and the estimate is computed eagerly.
 
-    On CPU the first streamed evaluation sets glibc's malloc to keep freed memory for reuse (see
-    :mod:`vaelab._malloc`: up to 2x faster eagerly; set ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` in
-    the environment to keep your own settings).
+    On CPU with glibc, eager streaming runs up to 2x faster in a process that keeps freed memory for reuse:
+    :func:`vaelab.keep_freed_memory` sets that, process-wide, for the caller who wants it (the command line and the
+    benchmarks do); this function never changes the process's allocator itself.
 
     ``iwae_ks``: sample counts j <= k at which the IWAE_j bound of the first j samples is recorded as well
     (``result.iwae[j]``): the whole IWAE ladder from the one stream of log-weights.

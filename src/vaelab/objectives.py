@@ -15,6 +15,7 @@ log-weights with q's parameters cut from the graph (see :func:`iwae_dreg_objecti
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -282,3 +283,28 @@ OBJECTIVES: dict[str, Objective] = {
     "iwae": iwae_objective,
     "iwae_dreg": iwae_dreg_objective,
 }
+
+
+def check_objective_arguments(objective_name: str, schedule_name: str, options: dict, from_schedule: dict) -> None:
+    """Refuse, before the first step, keyword arguments the objective would refuse at it: missing, unknown, or set
+    both by ``objective_options`` and by the schedule."""
+    parameters = inspect.signature(OBJECTIVES[objective_name]).parameters
+    keyword = {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+    name = f"the {objective_name!r} objective"
+    twice = sorted(set(options) & set(from_schedule))
+    if twice:
+        raise ValueError(
+            f"{', '.join(twice)} of {name} is set by the {schedule_name!r} schedule: set it through schedule_options "
+            f"(--schedule-options), not objective_options"
+        )
+    unknown = sorted(set(options) - keyword)
+    if unknown:
+        choices = sorted(keyword - set(from_schedule) - {"k", "q"})
+        raise ValueError(f"unknown objective_options {', '.join(unknown)} for {name}; it takes {', '.join(choices)}")
+    supplied = {"k", *options, *from_schedule}
+    missing = [n for n, p in parameters.items() if n in keyword and p.default is p.empty and n not in supplied]
+    if missing:
+        where = f"objective_options (--objective-options '{{\"{missing[0]}\": ...}}')"
+        if set(missing) <= {"capacity", "gamma"}:  # what the capacity schedule supplies at every step
+            where = f"the capacity schedule (--schedule capacity), or {where}"
+        raise ValueError(f"{name} needs {', '.join(missing)}: set {'it' if len(missing) == 1 else 'them'} with {where}")

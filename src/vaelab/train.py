@@ -1,10 +1,11 @@
 """Training: one readable loop, a config saved with every checkpoint, and nothing lost on a crash.
 
 The loop, per step: draw the batch (a fixed permutation per epoch, so the data order is a pure function of seed and
-step), binarize it on the device if asked, evaluate the per-example objective, reduce once (mean), backward, clip,
-Adam step. Compiled (``compile=True``, the default for long runs), that whole step is one ``torch.compile``d graph
-with the same arithmetic (:class:`WholeStep`). Around it: the KL schedule and learning rate as pure functions of
-the step, metrics to JSONL and TensorBoard, evaluation on a validation set, atomic checkpoints
+step; one index for every key of the data: ``x`` and any side input such as labels ``y``), binarize it on the device
+if asked, evaluate the per-example objective (on ``model.given(**context)`` when the model asks for context), reduce
+once (mean), backward, clip, optimizer step. Which step runs (eager, compiled objective, or the whole step as one
+compiled graph) is chosen once, in ``__init__`` (:mod:`vaelab.steps`). Around it: the KL schedule and learning
+rate as pure functions of the step, metrics to JSONL and TensorBoard, evaluation on a validation set, atomic checkpoints
 (:mod:`vaelab.checkpoint`), exact resume, a clean stop on Ctrl-C / SIGTERM, and a stop naming the term and step when
 anything turns non-finite.
 
@@ -25,12 +26,11 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import shutil
 import signal
 import sys
 import time
-import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,24 +40,27 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributions import constraints
 
+from vaelab._loop import RunLog, install_signal_handlers, progress_bar, restore_signal_handlers
 from vaelab.checkpoint import (
     CheckpointError,
     atomic_write_text,
     load_checkpoint,
     restore_optimizer,
     save_checkpoint,
+    save_weights,
     set_rng_state,
 )
 from vaelab.config import AUTO_COMPILE_SAMPLES, LR_DECAYS, PRESETS, TrainConfig, build_model, resolve_device
-from vaelab.data import binarize_fixed, binarize_with_bits, random_bits
-from vaelab.distributed import all_ranks, average_gradients, init_distributed, mean_over_ranks
+from vaelab.data import Data, aligned_fields, as_float, binarize_fixed, binarize_with_bits, mean_example
+from vaelab.distributed import all_ranks, init_distributed, mean_over_ranks
 from vaelab.estimators import check_values, data_support, elbo_parts, log_marginal, trusted_data
 from vaelab.likelihoods import LIKELIHOODS
 from vaelab.nets import init_decoder_bias
-from vaelab.objectives import OBJECTIVES, ObjectiveOutput
+from vaelab.objectives import OBJECTIVES
+from vaelab.optimizers import make_optimizer
 from vaelab.runs import Run, latest_checkpoint, load_run, truncate_metrics
-from vaelab.schedules import Constant, make_schedule
-from vaelab.steps import WholeStep, adam, grads_finite, host_scalar
+from vaelab.schedules import make_schedule
+from vaelab.steps import TrainingDiverged, make_step
 
 # The training API in one import (the config, presets and run loading live in vaelab.config and vaelab.runs)
 __all__ = [
@@ -76,11 +79,6 @@ __all__ = [
 ]
 
 
-# --- errors and results ----------------------------------------------------------------------------------------------
-class TrainingDiverged(RuntimeError):
-    """A non-finite value appeared; the message names the term and the step. Checkpoints already written are intact."""
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -89,26 +87,28 @@ class TrainResult:
     last_eval: dict[str, Any] | None
 
 
-# --- the trainer ------------------------------------------------------------------------------------------------------
 class Trainer:
     """Owns the model, optimizer, schedules, data order and run directory. ``fit()`` runs to the end or to a signal.
 
     Args:
         config: the run's :class:`TrainConfig`.
-        train_data: ``[N, *data_shape]`` floating tensor (moved to the device once; batched by index).
-        valid_data: ``[M, *data_shape]`` or ``None``.
+        train_data: ``x [N, *data_shape]`` (float in [0, 1] or the like, or uint8 0-255, converted per batch), or a
+            dict of tensors aligned with it (``{"x": x, "y": labels}``): batches take the same rows of each.
+        valid_data: the same for validation, or ``None``.
         run_dir: where config, metrics, TensorBoard logs, checkpoints and final weights go.
         resume: continue from the run directory's latest checkpoint (its saved config wins).
         model: a model built by hand (the :mod:`vaelab.models` interface); None: ``build_model(config, data_shape)``.
             Its weights are used as given (no decoder-bias initialisation); :func:`~vaelab.runs.load_run` can rebuild
             it only if its class is registered (:func:`vaelab.models.register_model`) and named by ``config.model``.
+            A model whose ``context`` names batch keys (e.g. ``("y",)``) is trained and validated as
+            ``model.given(y=batch["y"])``.
     """
 
     def __init__(
         self,
         config: TrainConfig,
-        train_data: torch.Tensor,
-        valid_data: torch.Tensor | None,
+        train_data: Data,
+        valid_data: Data | None,
         run_dir: str | Path,
         *,
         resume: bool = False,
@@ -116,32 +116,25 @@ class Trainer:
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        resume_from = None
+        resume_from = latest_checkpoint(self.run_dir) if resume else None
+        if resume and resume_from is None:
+            raise CheckpointError(f"--resume: no checkpoint found in {self.ckpt_dir}")
         if resume:
-            resume_from = latest_checkpoint(self.run_dir)
-            if resume_from is None:
-                raise CheckpointError(f"--resume: no checkpoint found in {self.ckpt_dir}")
-            _, _, meta = load_checkpoint(resume_from)
-            config = TrainConfig.from_dict(meta["config"])
+            config = TrainConfig.from_dict(load_checkpoint(resume_from)[2]["config"])
         elif self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()):
-            raise ValueError(
-                f"{self.run_dir} already holds a run: pass resume=True (--resume) or choose a new directory"
-            )
+            raise ValueError(f"{self.run_dir} already holds a run: pass resume=True (--resume) or use a new directory")
         self.config = config
         self.device = resolve_device(config.device)
         self._owns_group = not (dist.is_available() and dist.is_initialized())  # else the caller's group: left alone
         self.rank, self.world = init_distributed(self.device)
         if config.batch_size % self.world:
-            raise ValueError(
-                f"batch_size {config.batch_size} must be divisible by the number of processes {self.world}"
-            )
-        if train_data.ndim < 2 or train_data.shape[0] < 1:
-            raise ValueError(f"train_data must be [N, *data_shape] with N >= 1, got {tuple(train_data.shape)}")
-        self.train_data = train_data.to(self.device)
-        self.valid_data = None if valid_data is None else valid_data.to(self.device)
-        self.data_shape = tuple(train_data.shape[1:])
-        self.batch_size = min(config.batch_size, train_data.shape[0])
-        self.steps_per_epoch = train_data.shape[0] // self.batch_size
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
+        self.train_data = aligned_fields(train_data, "train_data", self.device)
+        self.valid_data = aligned_fields(valid_data, "valid_data", self.device)
+        n = len(self.train_data["x"])
+        self.data_shape = tuple(self.train_data["x"].shape[1:])
+        self.batch_size = min(config.batch_size, n)
+        self.steps_per_epoch = n // self.batch_size
         total = config.epochs * self.steps_per_epoch
         self.total_steps = total if config.max_steps is None else min(config.max_steps, total or config.max_steps)
         if config.max_steps is not None and config.epochs == 0:
@@ -152,47 +145,42 @@ class Trainer:
         torch.manual_seed(config.seed)
         built = model is None
         self.model = (build_model(config, self.data_shape) if built else model).to(self.device)
+        self.context = tuple(getattr(self.model, "context", ()))
+        for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data)):
+            missing = [key for key in self.context if data is not None and key not in data]
+            if missing:
+                raise ValueError(f"the model asks for context {', '.join(missing)}, which {name} does not hold")
         # Values are checked once here, not on every batch (the steps then run inside estimators.trusted_data()).
-        support, support_name = data_support(self.model, self.train_data[:1]), None
+        support, support_name = data_support(self.model, as_float(self.train_data["x"][:1]).to(self.device)), None
         if config.binarizes:
             support, support_name = constraints.unit_interval, "[0, 1] (it is binarized at every step)"
         for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data)):
             if data is not None:
-                check_values(data, support, name=name, support_name=support_name)
+                check_values(data["x"], support, name=name, support_name=support_name)
         # The likelihood's rule, on the network the model says produces its parameters (models without one: skipped)
         likelihood = getattr(self.model, "likelihood", None)
         likelihood = LIKELIHOODS[config.likelihood] if likelihood is None else likelihood
         output_net = getattr(self.model, "output_net", None)
         if config.init_decoder_bias and built and resume_from is None and output_net is not None:
             if likelihood.bias_from_mean is not None:
-                init_decoder_bias(output_net, self.train_data.mean(0).clamp(0, 1), likelihood)
+                init_decoder_bias(output_net, mean_example(self.train_data["x"]).clamp(0, 1), likelihood)
         if self.world > 1:
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical start on every rank
             torch.manual_seed(config.seed + 1_000_003 * self.rank)  # but independent noise per rank
-        self.optimizer = adam(self.model.parameters(), config.lr)
+        self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr, config.optimizer_options)
         self.objective = OBJECTIVES[config.objective]
         self.objective_options = dict(config.objective_options)
         if "form" in inspect.signature(self.objective).parameters:
             self.objective_options.setdefault("form", config.form)
         self.schedule = make_schedule(config.schedule, **config.schedule_options)
-        # Compiled: in one process the whole step is one graph (WholeStep: gradients and the Adam update); under
-        # torchrun, where gradients are averaged between the two, the objective is (forward and backward fused).
-        # A schedule's changing values go in as 0-d tensors so that they do not trigger a recompilation each.
-        self.compiles = compiles = (
-            config.compile if config.compile is not None else self.total_steps * self.batch_size >= AUTO_COMPILE_SAMPLES
-        )
-        self._forward = torch.compile(self._objective, dynamic=False) if compiles else self._objective
-        self._whole_step = WholeStep(self) if compiles and self.world == 1 else None
-        self._schedule_as_tensors = compiles and not isinstance(self.schedule, Constant)
-        self._steps_taken = 0  # by this Trainer (the first runs eagerly: see _run_objective)
-        self._compiled_once = False
-        self.step = 0
-        self.best_elbo = -math.inf
-        self.last_eval: dict[str, Any] | None = None
+        self.compiles = config.compile
+        if self.compiles is None:
+            self.compiles = self.total_steps * self.batch_size >= AUTO_COMPILE_SAMPLES
+        self.take_step = make_step(self)  # (batch, sched, lr) -> stats: eager, compiled objective, or whole step
+        self.step, self.best_elbo, self.last_eval = 0, -math.inf, None
         self._stop: str | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
-        self._tb = None
         if resume_from is not None:
             self._restore(resume_from)
 
@@ -202,14 +190,14 @@ class Trainer:
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         restore_optimizer(self.optimizer, tensors, meta)
         set_rng_state(tensors)
-        self.step = meta["step"]
+        self.step, self.last_eval = meta["step"], meta.get("last_eval")
         self.best_elbo = meta.get("best_elbo", -math.inf)
-        self.last_eval = meta.get("last_eval")
         truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
 
-    def _meta(self) -> dict[str, Any]:
-        return {
+    def save(self, name: str | None = None) -> Path:
+        directory = self.ckpt_dir / (name or f"step_{self.step:08d}")
+        meta = {
             "config": asdict(self.config),
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -217,162 +205,75 @@ class Trainer:
             "last_eval": self.last_eval,
             "data_shape": list(self.data_shape),
         }
-
-    def save(self, name: str | None = None) -> Path:
-        directory = self.ckpt_dir / (name or f"step_{self.step:08d}")
-        save_checkpoint(directory, model=self.model, optimizer=self.optimizer, meta=self._meta())
+        save_checkpoint(directory, model=self.model, optimizer=self.optimizer, meta=meta)
         if name is None:
             atomic_write_text(self.ckpt_dir / "latest.json", json.dumps({"checkpoint": directory.name}))
-            self._prune()
+            for old in sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())[: -self.config.keep_last]:
+                shutil.rmtree(old)
         return directory
 
-    def _prune(self) -> None:
-        steps = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-        for old in steps[: -self.config.keep_last]:
-            shutil.rmtree(old)
-
-    # --- data ------------------------------------------------------------------------------------------------------
-    def _batch(self, step: int) -> torch.Tensor:
+    # --- one step --------------------------------------------------------------------------------------------------
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.train_data.shape[0], generator=g).to(self.device))
-        idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size]
-        # this rank's share of the global batch, unbinarized; index_select: the same rows as train_data[idx], faster
-        return self.train_data.index_select(0, idx[self.rank :: self.world])
+            self._perm = (epoch, torch.randperm(len(self.train_data["x"]), generator=g).to(self.device))
+        idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's
+        # x and the context the model asks for (other fields stay unread); index_select: the rows data[idx], faster;
+        # .to: a no-op but for a memory-mapped source (data.MappedRows), read on the host
+        batch = {key: self.train_data[key].index_select(0, idx).to(self.device) for key in ("x", *self.context)}
+        batch["x"] = as_float(batch["x"])  # 8-bit data become float here, unbinarized
+        return batch
 
-    def _lr(self, step: int) -> float:
-        return self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
+    def bind(self, batch: Mapping[str, torch.Tensor]) -> nn.Module:
+        """The model the objectives see: ``model.given(**context)`` if the model asks for context, else the model."""
+        return self.model.given(**{key: batch[key] for key in self.context}) if self.context else self.model
 
-    # --- one step --------------------------------------------------------------------------------------------------
-    def _objective(
-        self, x: torch.Tensor, sched: dict[str, Any], bits: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, ...]:
-        """The objective on a batch: loss, elbo, recon, kl (the unit that ``compile=True`` compiles). With ``bits``
-        (:func:`vaelab.data.random_bits`), the batch is binarized first: compiled, in the same fused pass."""
-        if bits is not None:
-            x = binarize_with_bits(x, bits)
-        out = self.objective(self.model, x, k=self.config.k, **sched, **self.objective_options)
+    def objective_outputs(self, batch, sched: dict[str, Any], bits: torch.Tensor | None = None):
+        """The objective on a batch: loss, elbo, recon, kl (what the compiled steps compile). With ``bits``
+        (:func:`vaelab.data.random_bits`), ``x`` is binarized first: compiled, in the same fused pass."""
+        x = batch["x"] if bits is None else binarize_with_bits(batch["x"], bits)
+        out = self.objective(self.bind(batch), x, k=self.config.k, **sched, **self.objective_options)
         return out.loss, out.elbo, out.recon, out.kl
-
-    def _run_objective(
-        self, x: torch.Tensor, sched: dict[str, Any], bits: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        """The objective, compiled where asked. The first step runs eagerly even then: it fills torch.distributions'
-        KL dispatch cache, whose lookup torch.compile cannot trace, and shows errors in the objective without a
-        compiler's traceback. If the compilation itself fails (no C++ compiler, say), a warning, and eager from then.
-        """
-        if self._forward is self._objective or self._steps_taken == 0:
-            return self._objective(x, sched, bits)
-        result = self._compiled(self._forward, x, sched, bits)
-        return self._objective(x, sched, bits) if result is None else result
-
-    def _compiled(self, function, *args):
-        """``function(*args)``, a compiled function; None if it fails to compile (no C++ compiler, say): then a
-        warning, and every later step runs eagerly."""
-        if not self._compiled_once and self.config.progress and self.rank == 0:
-            why = "" if self.config.compile else f": automatic for runs of >= {AUTO_COMPILE_SAMPLES:,} examples"
-            skip = "compile=False / --no-compile to skip"
-            print(f"compiling the training step (once, ~10-60 s{why}; {skip})", file=sys.stderr)
-        try:
-            result = function(*args)
-        except ValueError:
-            raise
-        except Exception as err:
-            if self._compiled_once:  # it compiled and ran before: this is not a compiler failure
-                raise
-            message = f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training eagerly"
-            warnings.warn(message, stacklevel=4)
-            self._forward, self._whole_step = self._objective, None
-            return None
-        self._compiled_once = True
-        return result
 
     def train_step(self) -> dict[str, torch.Tensor]:
         step = self.step
-        x = self._batch(step)
-        # Dynamic binarization: the random bits drawn here by torch's generator (faster on CPU than compiled random
-        # numbers, and the same stream compiled or not), compared with the batch inside the objective. Values were
-        # checked once, in __init__.
-        bits = random_bits(x.shape, device=x.device) if self.config.binarizes else None
-        sched = self.schedule.objective_kwargs(step)
-        if self._schedule_as_tensors:
-            sched = {name: host_scalar(value, self.device) for name, value in sched.items()}
-        lr = self._lr(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # the first step runs eagerly (see _run_objective), and so does every step until one filled Adam's state
-        if self._whole_step is not None and self._steps_taken > 0 and self.optimizer.state:
-            try:
-                with trusted_data():
-                    result = self._compiled(self._whole_step, x, sched, bits, lr)
-            except ValueError as err:
-                raise TrainingDiverged(f"step {step}: the batch was rejected: {err}") from err
-            if result is not None:
-                stats, finite, bad = result
-                self._steps_taken += 1
-                if not finite:  # the graph left parameters and optimizer state as they were
-                    out = ObjectiveOutput(stats["loss"], stats["elbo"], stats.get("recon"), stats.get("kl"))
-                    names = [name for name, flag in zip(self._whole_step.names, bad.tolist(), strict=True) if flag]
-                    raise _diverged(step, out, stats["loss"], names)
-                self.step += 1
-                return stats
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        lr = self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
         try:
-            with autocast, trusted_data():
-                out = ObjectiveOutput(*self._run_objective(x, sched, bits))
+            stats = self.take_step(self._batch(step), self.schedule.objective_kwargs(step), lr)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"step {step}: {err}") from None
         except ValueError as err:
             raise TrainingDiverged(f"step {step}: the batch was rejected: {err}") from err
-        self._steps_taken += 1
-        loss = out.loss.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # harmless if the loss is not finite: nothing is applied before the check below
-        if self.world > 1:
-            average_gradients(self.model, self.world)
-        if self.config.grad_clip is not None:
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        else:
-            norm = None
-        # The step's one host synchronisation: loss and gradients checked together; the culprit is named on failure.
-        finite = torch.isfinite(loss) & grads_finite(self.model)
-        if not all_ranks(bool(finite), self.world, self.device):
-            if not all_ranks(bool(torch.isfinite(loss)), self.world, self.device):
-                raise _diverged(step, out, loss, [])
-            bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
-            raise _diverged(step, out, loss, bad)
-        self.optimizer.step()
         self.step += 1
-        stats = {"loss": loss.detach(), "elbo": out.elbo.mean()}
-        if out.recon is not None:
-            stats["recon"], stats["kl"] = out.recon.mean(), out.kl.mean()
-        if norm is not None:
-            stats["grad_norm"] = norm.detach()
         return stats
 
     # --- evaluation ------------------------------------------------------------------------------------------------
-    def evaluate(self, data: torch.Tensor | None = None, *, split: str = "valid") -> dict[str, Any]:
+    def evaluate(self, data: Data | None = None, *, split: str = "valid") -> dict[str, Any]:
         """Validation ELBO (the config's form, 1 sample) and IWAE_k bound (k = eval_k), nats per example, and the
         seconds the pass took (``eval_k`` x ``eval_examples`` decoder passes: with the defaults ~25 % of the time of
         an epoch of compiled iwae-1layer MNIST training; cheaper with smaller ``eval_k`` / ``eval_examples``, and
-        rarer with a larger ``eval_every``)."""
-        data = self.valid_data if data is None else data
+        rarer with a larger ``eval_every``). A model that asks for context is evaluated given each example's."""
+        data = self.valid_data if data is None else aligned_fields(data, "data", self.device)
         if data is None:
             return {}
-        if self.config.eval_examples is not None:
-            data = data[: self.config.eval_examples]
+        n = len(data["x"]) if self.config.eval_examples is None else min(len(data["x"]), self.config.eval_examples)
+        data = {key: value[:n].to(self.device) for key, value in data.items()}
+        data["x"] = as_float(data["x"])
         if self.config.binarizes:  # one fixed binarization of the evaluation set, the same at every evaluation
-            data = binarize_fixed(data, seed=self.config.seed + 7919)
+            data["x"] = binarize_fixed(data["x"], seed=self.config.seed + 7919)
         elbos, iwaes = [], []
         start = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), trusted_data():  # RNG of training untouched
             torch.manual_seed(self.config.seed + self.step)
             self.model.eval()
-            for batch in data.split(self.batch_size):
-                elbos.append(elbo_parts(self.model, batch, k=1, form=self.config.form).elbo)
-                # compiled too once the objective has compiled (a working compiler): ~1.4x faster per sample
-                iwae = log_marginal(self.model, batch, k=self.config.eval_k, compile=self._compiled_once)
-                iwaes.append(iwae.value)
+            for begin in range(0, n, self.batch_size):
+                batch = {key: value[begin : begin + self.batch_size] for key, value in data.items()}
+                model, x = self.bind(batch), batch["x"]
+                elbos.append(elbo_parts(model, x, k=1, form=self.config.form).elbo)
+                # compiled too once the step has compiled (a working compiler): ~1.4x faster per sample
+                iwaes.append(log_marginal(model, x, k=self.config.eval_k, compile=self.take_step.compiled).value)
             self.model.train()
         return {
             "split": split,
@@ -380,7 +281,7 @@ class Trainer:
             "epoch": self.step / self.steps_per_epoch,
             "elbo": torch.cat(elbos).mean().item(),
             f"iwae_{self.config.eval_k}": torch.cat(iwaes).mean().item(),
-            "examples": int(data.shape[0]),
+            "examples": n,
             "seconds": time.perf_counter() - start,  # after the .item() calls above: the work is done, also on a GPU
         }
 
@@ -393,40 +294,32 @@ class Trainer:
             atomic_write_text(self.run_dir / "data_shape.json", json.dumps(list(self.data_shape)))
         if self.rank == 0 and self.step == 0:  # a fresh run: drop what a run that died before its first checkpoint left
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
-        mode = "a" if self.step > 0 else "w"
-        metrics = open(self.run_dir / "metrics.jsonl", mode) if self.rank == 0 else open(os.devnull, "w")
-        previous = _install_signal_handlers(self._request_stop)
-        bar = _progress(self.total_steps, self.step, enabled=self.config.progress and self.rank == 0)
+        log = RunLog(self.run_dir, append=self.step > 0, enabled=self.rank == 0)
+        previous = install_signal_handlers(self._request_stop)
+        bar = progress_bar(self.total_steps, self.step, enabled=self.config.progress and self.rank == 0)
         sums: dict[str, torch.Tensor] = {}
         count, tick = 0, time.perf_counter()
         try:
             while self.step < self.total_steps and self._stop is None:
-                stats = self.train_step()
-                for key, value in stats.items():
+                for key, value in self.train_step().items():
                     sums[key] = sums.get(key, 0) + value
                 count += 1
                 bar.update(1)
                 if self.world > 1 and not all_ranks(self._stop is None, self.world, self.device):
                     self._stop = self._stop or "a signal on another rank"
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    line = dict(
-                        zip(
-                            sums,
-                            mean_over_ranks([v / count for v in sums.values()], self.world, self.device),
-                            strict=True,
-                        )
-                    )
+                    means = mean_over_ranks([v / count for v in sums.values()], self.world, self.device)
+                    line = dict(zip(sums, means, strict=True))
                     line.update(
                         split="train",
                         step=self.step,
                         epoch=self.step / self.steps_per_epoch,
-                        lr=self._lr(self.step - 1),
-                        samples_per_sec=count * self.batch_size / max(now - tick, 1e-9),
+                        lr=self.config.lr * LR_DECAYS[self.config.lr_decay](self.step - 1, self.total_steps),
+                        samples_per_sec=count * self.batch_size / max(time.perf_counter() - tick, 1e-9),
                         **self.schedule.objective_kwargs(self.step - 1),
                     )
                     line.setdefault("beta", 1.0)
-                    self._log(metrics, line)
+                    log.write(line)
                     bar.set_postfix(
                         elbo=f"{line['elbo']:.2f}",
                         kl=f"{line.get('kl', math.nan):.2f}",
@@ -439,8 +332,10 @@ class Trainer:
                     result = self.evaluate()
                     if result:
                         self.last_eval = result
-                        self._log(metrics, result)
-                        self._log_images()
+                        log.write(result)
+                        if not self.context:  # a model given context has a prior per example: no samples drawn
+                            x = (self.valid_data or self.train_data)["x"][:8].to(self.device)
+                            log.pictures(self.model, x, self.config.seed, self.step)
                         if result["elbo"] > self.best_elbo:
                             self.best_elbo = result["elbo"]
                             self.save("best")
@@ -456,125 +351,25 @@ class Trainer:
                     file=sys.stderr,
                 )
             elif self.rank == 0:
-                self._write_final_weights()
+                save_weights(self.model, self.run_dir / "model.safetensors")
         finally:
             bar.close()
-            metrics.close()
-            _restore_signal_handlers(previous)
-            if self._tb is not None:
-                self._tb.close()
+            log.close()
+            restore_signal_handlers(previous)
         if self.world > 1:  # rank 0 was still writing files: no rank tears its connections down before the others
             dist.barrier()
             if self._owns_group:
                 dist.destroy_process_group()
         return TrainResult(self.run_dir, self.step, self._stop, self.last_eval)
 
-    def _write_final_weights(self) -> None:
-        from safetensors.torch import save_file
-
-        tmp = self.run_dir / ".model.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, tmp)
-        tmp.replace(self.run_dir / "model.safetensors")
-
     def _request_stop(self, signum, frame) -> None:
         self._stop = signal.Signals(signum).name
-
-    def _log(self, metrics, line: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        metrics.write(json.dumps(line) + "\n")
-        metrics.flush()
-        writer = self._writer()
-        if writer is not None:
-            for key, value in line.items():
-                if isinstance(value, float) and key not in ("step", "epoch"):
-                    writer.add_scalar(f"{line['split']}/{key}", value, line["step"])
-
-    def _log_images(self) -> None:
-        """Samples from the prior and validation reconstructions as image grids in TensorBoard (image data only)."""
-        writer = self._writer()
-        if writer is None:
-            return
-        from vaelab.plots import image_grid, reconstruction_pairs, sample_images
-
-        x = (self.valid_data if self.valid_data is not None else self.train_data)[:8]
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():  # never perturbs training's RNG
-            torch.manual_seed(self.config.seed)
-            self.model.eval()
-            samples, pairs = sample_images(self.model, 16), reconstruction_pairs(self.model, x)
-            self.model.train()
-        try:
-            for tag, images in (("samples", samples), ("reconstructions", pairs)):
-                writer.add_image(tag, image_grid(images, self.data_shape, ncol=8), self.step, dataformats="HWC")
-        except ValueError:  # data that are not images
-            pass
-
-    def _writer(self):
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency, but a stripped install still trains
-                self._tb = False
-                return None
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        return self._tb or None
-
-
-def _diverged(step: int, out: ObjectiveOutput, loss: torch.Tensor, bad_gradients: list[str]) -> TrainingDiverged:
-    """The error for a step whose loss (then the term that made it so is named) or gradients are not finite."""
-    if not bool(torch.isfinite(loss)):
-        return TrainingDiverged(f"step {step}: {_non_finite_term(out)} is not finite (loss = {loss.item()})")
-    return TrainingDiverged(f"step {step}: the gradient of {', '.join(bad_gradients) or 'a parameter'} is not finite")
-
-
-def _non_finite_term(out) -> str:
-    for name, value in (("reconstruction term E_q[log p(x|z)]", out.recon), ("KL term", out.kl)):
-        if value is not None and not bool(torch.isfinite(value).all()):
-            return name
-    if not bool(torch.isfinite(out.elbo).all()):
-        return "the log-weights log p(x,z) - log q(z|x)"
-    return "the loss"
-
-
-def _install_signal_handlers(handler):
-    previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: signals cannot be caught here
-        pass
-    return previous
-
-
-def _restore_signal_handlers(previous) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, initial: int, *, enabled: bool):
-    """The training bar (:func:`vaelab.progress.progress_bar`: quiet, one line per 30 s, when stderr is a file)."""
-    from vaelab.progress import progress_bar
-
-    bar = progress_bar(total, "train", "step", enabled=enabled, initial=initial)
-    return _NoBar() if bar is None else bar
 
 
 def train(
     config: TrainConfig,
-    train_data: torch.Tensor,
-    valid_data: torch.Tensor | None,
+    train_data: Data,
+    valid_data: Data | None,
     run_dir: str | Path,
     *,
     resume: bool = False,
