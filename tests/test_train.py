@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vaelab.checkpoint import CheckpointError, load_checkpoint
+from vaelab.checkpoint import FAULT_POINTS, CheckpointError, load_checkpoint
 from vaelab.steps import EagerStep, WholeStep
 from vaelab.train import TrainConfig, Trainer, TrainingDiverged, build_model, latest_checkpoint, train
 
@@ -339,6 +339,46 @@ def test_signal_stops_cleanly_with_a_checkpoint(driver, reference_run, tmp_path,
     assert_same_weights(tmp_path / "model.safetensors", reference_run / "model.safetensors")
     keys = [(line["split"], line["step"]) for line in read_metrics(tmp_path)]
     assert len(keys) == len(set(keys)), "duplicated metric lines after resume"
+
+
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_a_kill_at_any_point_of_a_save_resumes_or_restarts_to_the_same_weights(driver, reference_run, tmp_path, point):
+    # VAELAB_FAULT kills the child (SIGKILL) at the first time it reaches that point of a save: the config file at the
+    # start, the first step checkpoint, or the second 'best'. Then resume (or, with no checkpoint yet, a fresh start in
+    # the same directory) must work and end with the uninterrupted run's weights, bit for bit.
+    args = [sys.executable, str(driver.script), str(driver.data), str(driver.config_file()), str(tmp_path), "new"]
+    env = dict(driver.env, VAELAB_FAULT=point)
+    killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "model.safetensors").exists()
+    resume = latest_checkpoint(tmp_path) is not None
+    assert resume == (point != "text-written" and point != "checkpoint-files-written"), point
+    done = driver.run(tmp_path, resume=resume)
+    assert done["step"] == 160
+    assert_same_weights(tmp_path / "model.safetensors", reference_run / "model.safetensors")
+    assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_passes_over_a_damaged_latest_checkpoint_pointer_and_metric_line(driver, reference_run, tmp_path):
+    # killed after a few checkpoints; then the newest checkpoint's weights are damaged, latest.json is torn and so is
+    # the last metric line: the resume starts from the newest intact checkpoint and still ends bit for bit the same
+    proc = driver.start(tmp_path)
+    wait_until(proc, lambda: len(step_checkpoints(tmp_path)) >= 3, "three step checkpoints")
+    proc.kill()
+    proc.communicate(timeout=60)
+    *_, older, newest = step_checkpoints(tmp_path)
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / f"step_{newest:08d}" / "model.safetensors").write_bytes(b"\x00" * 64)
+    (ckpt / "latest.json").write_text('{"checkpoint": "step_')
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "st')
+    done = driver.run(tmp_path, resume=True)
+    assert f"skipping a damaged checkpoint: cannot read checkpoint {ckpt / f'step_{newest:08d}'}" in done["stderr"]
+    assert f"resumed from {ckpt / f'step_{older:08d}'} at step {older}" in done["stderr"]
+    assert done["step"] == 160
+    assert_same_weights(tmp_path / "model.safetensors", reference_run / "model.safetensors")
+    keys = [(line["split"], line["step"]) for line in read_metrics(tmp_path)]
+    assert keys == [(line["split"], line["step"]) for line in read_metrics(reference_run)]
 
 
 def test_restart_after_death_before_first_checkpoint_starts_clean_metrics(driver, tmp_path):

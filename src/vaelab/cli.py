@@ -229,14 +229,15 @@ def _auto_dataset(data_dir) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vaelab.checkpoint import load_checkpoint
-    from vaelab.train import TrainConfig, Trainer, latest_checkpoint
+    from vaelab.runs import resume_checkpoint
+    from vaelab.train import TrainConfig, Trainer
 
     if args.resume:
-        checkpoint = latest_checkpoint(args.out)
-        if checkpoint is None:
+        found = resume_checkpoint(args.out)
+        if found is None:
             raise UserError(f"--resume: no checkpoint in {args.out}/checkpoints")
-        config = TrainConfig.from_dict(load_checkpoint(checkpoint)[2]["config"])
+        checkpoint, (_, _, meta) = found
+        config = TrainConfig.from_dict(meta["config"])
         print(f"resuming {args.out} from {checkpoint.name} (the saved config is used)")
     else:
         config = resolve_config(args)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,31 +11,52 @@ from typing import Any
 import torch
 from torch import nn
 
-from vaelab.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    load_checkpoint,
-)
+from vaelab.checkpoint import CheckpointError, atomic_write_text, complete_checkpoints, load_checkpoint
 from vaelab.config import TrainConfig, build_model
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete step checkpoint of a run directory (from latest.json, else the highest step)."""
+    """The newest complete step checkpoint of a run directory (from latest.json, else the highest step; a damaged
+    latest.json is passed over)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     pointer = ckpt_dir / "latest.json"
-    if pointer.is_file():
-        candidate = ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
-        if candidate.is_dir():
+    try:
+        candidate = ckpt_dir / str(json.loads(pointer.read_text())["checkpoint"])
+        if candidate.is_dir() and candidate in complete_checkpoints(ckpt_dir):
             return candidate
-    steps = sorted(p for p in ckpt_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
+    except (OSError, ValueError, KeyError, TypeError):  # missing, torn or not ours: the directory listing decides
+        pass
+    steps = complete_checkpoints(ckpt_dir)
     return steps[-1] if steps else None
 
 
+def resume_checkpoint(run_dir: str | Path) -> tuple[Path, tuple[dict, dict, dict]] | None:
+    """The checkpoint to resume from and its contents: the latest one that loads, newest first (a damaged latest
+    checkpoint no longer blocks a resume when an older intact one exists; it is named on stderr). None if none."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    candidates = [latest] + [p for p in reversed(complete_checkpoints(latest.parent)) if p != latest]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            print(f"skipping a damaged checkpoint: {err}", file=sys.stderr)
+    return None
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after ``step`` by a run that died before its next checkpoint."""
+    """Drop metric lines written after ``step`` by a run that died before its next checkpoint (and a line torn by
+    that death: it cannot be read, and its step is after the checkpoint's)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -44,7 +45,8 @@ from vaelab._loop import RunLog, install_signal_handlers, progress_bar, restore_
 from vaelab.checkpoint import (
     CheckpointError,
     atomic_write_text,
-    load_checkpoint,
+    complete_checkpoints,
+    remove_leftovers,
     restore_optimizer,
     save_checkpoint,
     save_weights,
@@ -58,7 +60,7 @@ from vaelab.likelihoods import LIKELIHOODS
 from vaelab.nets import init_decoder_bias
 from vaelab.objectives import OBJECTIVES
 from vaelab.optimizers import make_optimizer
-from vaelab.runs import Run, latest_checkpoint, load_run, truncate_metrics
+from vaelab.runs import Run, latest_checkpoint, load_run, resume_checkpoint, truncate_metrics
 from vaelab.schedules import make_schedule
 from vaelab.steps import TrainingDiverged, make_step
 
@@ -116,12 +118,17 @@ class Trainer:
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        resume_from = latest_checkpoint(self.run_dir) if resume else None
-        if resume and resume_from is None:
+        # What a killed save left (.step_N.tmp, .best.old) is no checkpoint: cleared first, so that a crash during
+        # the first save never leaves a directory that can neither resume nor start afresh
+        if int(os.environ.get("RANK", "0")) == 0:
+            remove_leftovers(self.ckpt_dir)
+        found = resume_checkpoint(self.run_dir) if resume else None
+        if resume and found is None:
             raise CheckpointError(f"--resume: no checkpoint found in {self.ckpt_dir}")
+        resume_from, loaded = found if found is not None else (None, None)
         if resume:
-            config = TrainConfig.from_dict(load_checkpoint(resume_from)[2]["config"])
-        elif self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()):
+            config = TrainConfig.from_dict(loaded[2]["config"])
+        elif complete_checkpoints(self.ckpt_dir):
             raise ValueError(f"{self.run_dir} already holds a run: pass resume=True (--resume) or use a new directory")
         self.config = config
         self.device = resolve_device(config.device)
@@ -182,11 +189,11 @@ class Trainer:
         self._stop: str | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
         if resume_from is not None:
-            self._restore(resume_from)
+            self._restore(resume_from, loaded)
 
     # --- state ---------------------------------------------------------------------------------------------------
-    def _restore(self, directory: Path) -> None:
-        weights, tensors, meta = load_checkpoint(directory)
+    def _restore(self, directory: Path, loaded: tuple[dict, dict, dict]) -> None:
+        weights, tensors, meta = loaded  # load_checkpoint(directory), read once by resume_checkpoint
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         restore_optimizer(self.optimizer, tensors, meta)
         set_rng_state(tensors)
@@ -294,6 +301,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "data_shape.json", json.dumps(list(self.data_shape)))
         if self.rank == 0 and self.step == 0:  # a fresh run: drop what a run that died before its first checkpoint left
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+            shutil.rmtree(self.ckpt_dir / "best", ignore_errors=True)
+            (self.ckpt_dir / "latest.json").unlink(missing_ok=True)
         log = RunLog(self.run_dir, append=self.step > 0, enabled=self.rank == 0)
         previous = install_signal_handlers(self._request_stop)
         bar = progress_bar(self.total_steps, self.step, enabled=self.config.progress and self.rank == 0)
