@@ -201,9 +201,26 @@ _BOUNDED_SUPPORTS = (constraints.boolean, constraints.unit_interval)
 
 
 def _posterior(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
+    """q(z|x): ``q`` if given (checked), else ``model.encode(x)``; batch ``[B]``, event ``[d]``."""
     if q is not None and not isinstance(q, Distribution):
         raise ValueError(f"q must be a torch.distributions.Distribution or None, got {type(q).__name__}")
     q = model.encode(x) if q is None else q
+    return _check_q_shape(model, x, q)
+
+
+def _proposal(model, x: torch.Tensor, proposal: str, q: Distribution | None) -> Distribution | None:
+    """The proposal r to draw from: q(z|x) for ``"posterior"``, None (the prior) for ``"prior"``. A ``q`` given with
+    the prior proposal is not used, but is checked all the same (a wrong q is a caller's mistake either way)."""
+    if proposal == "posterior":
+        return _posterior(model, x, q)
+    if q is not None:
+        if not isinstance(q, Distribution):
+            raise ValueError(f"q must be a torch.distributions.Distribution or None, got {type(q).__name__}")
+        _check_q_shape(model, x, q)
+    return None
+
+
+def _check_q_shape(model, x: torch.Tensor, q: Distribution) -> Distribution:
     batch, event = (x.shape[0],), (latent_dim(model),)
     if tuple(q.batch_shape) != batch or tuple(q.event_shape) != event:
         raise ValueError(
@@ -325,8 +342,7 @@ def log_weights(
     _check_count(k, "k")
     _check_choice(proposal, "proposal", PROPOSALS)
     check_data(model, x)
-    r = _posterior(model, x, q) if proposal == "posterior" else None
-    return _log_weights(model, x, r, k)
+    return _log_weights(model, x, _proposal(model, x, proposal, q), k)
 
 
 def iwae_bound(model, x: torch.Tensor, *, k: int, q: Distribution | None = None) -> torch.Tensor:
@@ -556,7 +572,7 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefix
         keep_freed_memory()  # else glibc may re-fault every chunk's temporaries: up to 2x slower (vaelab._malloc)
     stats = _WeightStats(tail=tail, prefixes=prefixes)
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
-        r = _posterior(model, x, q) if proposal == "posterior" else None
+        r = _proposal(model, x, proposal, q)
         done = 0
         while done < k:
             c = min(chunk_size, k - done)
