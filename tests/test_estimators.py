@@ -368,6 +368,20 @@ def test_weight_stats_prefix_bounds_are_the_iwae_bounds_of_the_first_samples(chu
     torch.testing.assert_close(result.iwae_stderr[5000], result.stderr, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 10])
+def test_iwae_prefix_is_finite_when_later_weights_in_its_block_are_far_larger(chunk):
+    # the first weights 1000 nats below the ones after them, in the same held-back block: exp(lw - block max)
+    # underflowed to 0, so IWAE_1 was -inf (found by tests/test_estimators_fuzz.py)
+    lw = torch.tensor([[-1000.0], [-999.0], [0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0]], dtype=DTYPE)
+    stats = _WeightStats(tail=0, prefixes=(1, 2, 10))
+    for part in lw.split(chunk):
+        stats.update(part)
+    result = stats.log_marginal()
+    for j in (1, 2, 10):
+        expected = torch.logsumexp(lw[:j], 0) - math.log(j)  # each within gamma_n of the exact value, n steps
+        torch.testing.assert_close(result.iwae[j], expected, rtol=2 * rounding_gamma(2 * j + 4, DTYPE), atol=0)
+
+
 @pytest.mark.parametrize("chunk", [7, 333, 1024, 5000])
 def test_weight_stats_pareto_tail_is_the_top_of_the_whole_stream(chunk):
     # the tail's top-k is merged only every _TOP_BUFFER rows: the kept values and k-hat must not depend on chunking

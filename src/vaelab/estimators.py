@@ -445,9 +445,14 @@ class _WeightStats:
         for j in self.prefixes:
             if self.n < j <= self.n + lw.shape[0]:  # IWAE_j: the running sum so far plus this block's head
                 head = lw[: j - self.n]
-                m = torch.maximum(self.max, head.max(0).values)
-                rescale, w = torch.exp(self.max - m), torch.exp(head - m)
-                s_w, s_ww = self.s_w * rescale + w.sum(0), self.s_ww * rescale**2 + (w * w).sum(0)
+                # relative to the max of the first j samples only: the block's max may lie beyond them, hundreds of
+                # nats higher, and exp(head - that) underflow to 0 (IWAE_j = -inf; found by the fuzzer)
+                m = head.max(0).values if self.n == 0 else torch.maximum(self.max, head.max(0).values)
+                w = torch.exp(head - m)
+                s_w, s_ww = w.sum(0), (w * w).sum(0)
+                if self.n:  # plus the running sums so far, rescaled to the common max
+                    rescale = torch.exp(self.max - m)
+                    s_w, s_ww = self.s_w * rescale + s_w, self.s_ww * rescale**2 + s_ww
                 self.prefix_bounds[j] = _bound_and_stderr(m, s_w, s_ww, j)[:2]
         new_max = torch.maximum(self.max, lw.max(0).values)
         rescale = torch.exp(self.max - new_max)
