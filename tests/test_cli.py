@@ -221,6 +221,36 @@ def test_user_errors_are_one_line_without_traceback(args, message, tmp_path):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("toml", "flags", "message"),
+    [
+        ('lr = "abc"', [], "lr must be a finite number, got 'abc' (str)"),
+        ('epochs = "5"', [], "epochs must be an integer, got '5' (str)"),
+        ('architecture_options = "mlp"', [], "architecture_options must be a dict"),
+        ("architecture_options = [512, 256]", [], "architecture_options must be a dict"),
+        ("dataset = 5", [], "dataset must be a string, got 5 (int)"),
+        ('binarize = "yes"', [], "binarize must be a boolean (true/false) or None, got 'yes' (str)"),
+        ("lr = inf", [], "lr must be a finite number, got inf (float)"),
+        ("lr = nan", [], "lr must be a finite number, got nan (float)"),
+        ("seed = -1", [], "seed must be an integer in [0, 2**32), got -1"),
+        ('device = "bogus"', [], 'device must be "auto" or a torch device'),
+        (None, ["--device", "bogus"], 'device must be "auto" or a torch device'),
+        (None, ["--lr", "inf"], "lr must be a finite number, got inf (float)"),
+        (None, ["--seed", "-1"], "seed must be an integer in [0, 2**32), got -1"),
+    ],
+)
+def test_config_values_of_the_wrong_type_exit_2_in_one_line_before_anything_is_created(tmp_path, toml, flags, message):
+    args = ["train", "--out", tmp_path / "run", *flags]
+    if toml is not None:
+        (tmp_path / "run.toml").write_text(toml + "\n")
+        args += ["--config", tmp_path / "run.toml"]
+    proc = vaelab(*args, env=data_env(), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()  # one line, no traceback
+    assert line.startswith("vaelab train: error: ") and message in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_file_with_a_bad_form_is_refused_before_any_data_is_read(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('form = "bogus"\n')

@@ -18,10 +18,11 @@ from vaelab import estimators
 from vaelab.config import PRESETS, TrainConfig, build_model
 from vaelab.hierarchical import HierarchicalVAE
 from vaelab.likelihoods import BernoulliLikelihood, GaussianLikelihood, LearnedGaussianLikelihood
-from vaelab.models import MODELS, VAE, LinearGaussian, register_model
+from vaelab.models import MODELS, VAE, IllConditionedWarning, LinearGaussian, register_model
 from vaelab.posteriors import DiagonalGaussian
 from vaelab.priors import PRIORS, MixtureOfGaussians, StandardNormal
 from vaelab.runs import load_run
+from vaelab.tolerance import rounding_gamma
 from vaelab.train import train
 
 
@@ -116,6 +117,68 @@ def test_fit_ppca_is_a_stationary_point_of_the_likelihood():
 def test_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LinearGaussian(**kwargs)
+
+
+def float32_posterior_failures(models_per_dim: int) -> tuple[int, list]:
+    """Random float32 models at D in {10, 20, 50}, d < D, noise scale 0.1 to 1 (the issue's 0.1 and up): the
+    (trials, failures) where the ELBO with the exact posterior is not finite, the posterior's factor is not lower
+    triangular, or S = L L^T does not invert the precision P to rounding."""
+    failures, trials = [], 0
+    for data_dim in (10, 20, 50):
+        for seed in range(models_per_dim):
+            g = torch.Generator().manual_seed(seed)
+            latent_dim = int(torch.randint(1, data_dim, (1,), generator=g))
+            noise_scale = 0.1 * 10 ** float(torch.rand(1, generator=g))
+            model = LinearGaussian.random(
+                data_dim, latent_dim, noise_scale=noise_scale, dtype=torch.float32, generator=g
+            )
+            x = model.sample(3, generator=g)
+            tril = model.posterior(x).scale_tril[0].double()
+            scaled = (model.weight / model.noise_var.sqrt()).detach().double()
+            precision = torch.eye(latent_dim, dtype=torch.float64) + scaled.T @ scaled
+            residual = (tril @ tril.T @ precision - torch.eye(latent_dim, dtype=torch.float64)).abs().max()
+            # an inverse through a Cholesky factor has ||S P - I|| <= c u cond(P) (Higham 2002, sec. 14.2), the
+            # rounded steps being P's D-term dot products and the d-step factorization, inversion and product (a
+            # max-abs entry is at most d times the 2-norm)
+            steps = data_dim + 3 * latent_dim + 2
+            bound = latent_dim * model.condition_number() * rounding_gamma(steps, torch.float32)
+            value = estimators.elbo(model, x, k=1)
+            trials += 1
+            if not (torch.isfinite(value).all() and torch.equal(tril, tril.tril()) and residual <= bound):
+                failures.append((data_dim, seed, float(residual), bound))
+    return trials, failures
+
+
+# issue 17: 394 of 3,000 random float32 models failed: torch refused the posterior's (rounded, asymmetric) precision
+# matrix. Most of these models are ill-conditioned for float32 (condition number ~1e3-1e4 >= 840) and say so: the
+# warning is the subject of test_ill_conditioned_model_warns_naming_its_condition_number, not of these.
+@pytest.mark.filterwarnings("ignore::vaelab.models.IllConditionedWarning")
+def test_float32_models_build_their_posterior_from_a_cholesky_factor():
+    g = torch.Generator().manual_seed(0)
+    reproducer = LinearGaussian.random(20, 18, noise_scale=0.1, dtype=torch.float32, generator=g)
+    assert torch.isfinite(estimators.elbo(reproducer, reproducer.sample(1), k=1)).all()
+    trials, failures = float32_posterior_failures(200)
+    assert trials == 600 and not failures, failures
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::vaelab.models.IllConditionedWarning")
+def test_float32_models_build_their_posterior_many():
+    trials, failures = float32_posterior_failures(1000)
+    assert trials == 3000 and not failures, failures
+
+
+def test_ill_conditioned_model_warns_naming_its_condition_number():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    bias = torch.zeros(3, dtype=torch.float64)
+    # ||W||_2^2 = 3, so the condition number is 1 + 3 / noise_var: 3e12 + 1 at noise_var = 1e-12
+    with pytest.warns(IllConditionedWarning, match=r"condition number 1 \+ \|\|Psi\^-1/2 W\|\|\^2 = 3e\+12"):
+        model = LinearGaussian(weight, bias, 1e-12)
+    assert model.condition_number() == pytest.approx(3e12 + 1, rel=1e-12)
+    with pytest.warns(IllConditionedWarning, match="float32"):
+        LinearGaussian(weight.float(), bias.float(), 1e-3)  # 3e3 * 1.2e-7 >= 1e-4
+    LinearGaussian(weight, bias, 1e-6)  # 3e6 * 2.2e-16: no warning (warnings are errors under pytest)
+    LinearGaussian(weight.float(), bias.float(), 0.1)
 
 
 def test_fit_ppca_bad_input():

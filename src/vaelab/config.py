@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import os
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,32 +89,31 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that is wrong: a name not in its registry, options its target
-        does not take, a value out of range, or a setting the model family refuses (its ``check_config``)."""
+        """Raise ``ValueError`` naming the first field that is wrong: a value not of the field's type (one check for
+        every field, from its annotation: :func:`check_field_types`), a name not in its registry, options its target
+        does not take, a value out of range, a device torch cannot parse, or a setting the model family refuses (its
+        ``check_config``)."""
+        check_field_types(self)
         for name, registry in REGISTRIES.items():
             if getattr(self, name) not in registry:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(registry)}")
+        # the types are checked above: what remains are the ranges
         for name in ("latent_dim", "k", "batch_size", "log_every", "eval_k", "keep_last"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("epochs",):
-            if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if (
-            isinstance(self.validation_size, bool)
-            or not isinstance(self.validation_size, int)
-            or self.validation_size < 0
-        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs!r}")
+        if self.validation_size < 0:
             raise ValueError(f"validation_size must be an integer >= 0, got {self.validation_size!r}")
+        if not 0 <= self.seed < 2**32:  # the range every seeded library takes (numpy's legacy seed, torch, Python)
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         for name in ("max_steps", "eval_every", "checkpoint_every", "eval_examples", "max_examples"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.compile is not None and not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true, false or None (automatic), got {self.compile!r}")
+        check_device(self.device)
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         check_config = getattr(MODELS[self.model], "check_config", None)
@@ -131,6 +133,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config of ``data`` (a JSON object or TOML table of fields; those not given keep their defaults).
+
+        Raises ``ValueError`` for unknown keys and for every value :meth:`validate` refuses."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a config must be a mapping of field names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -138,6 +145,70 @@ class TrainConfig:
         if data.get("architecture") == "iwae-2layer":  # saved before the two-layer model became a model family
             data = {**data, "model": "iwae-2layer", "architecture": "mlp", "latent_dim": 150}
         return cls(**data)
+
+
+# --- the type check every field gets, from its annotation ------------------------------------------------------------
+_TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a finite number", str: "a string"}
+
+
+@functools.cache
+def _field_hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _expected(hint: Any) -> str:
+    """How a message names what a field of type ``hint`` takes, e.g. "an integer or None"."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kinds = [_expected(a) for a in args if a is not type(None)]
+        return " or ".join(kinds + (["None"] if type(None) in args else []))
+    if hint is dict or typing.get_origin(hint) is dict:
+        return "a dict (a JSON object / TOML table) with string keys"
+    return _TYPE_NAMES[hint]
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of type ``hint``: bool, int (not bool), float (a finite int or float, not bool), str,
+    dict[str, ...], or a union of those (``X | None``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is dict or typing.get_origin(hint) is dict:
+        return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # bool is an int in Python, never a number here
+        return False
+    if hint is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    if hint in (int, str):
+        return isinstance(value, hint)
+    raise TypeError(f"no type check for a config field of type {hint!r}")  # a new kind of field: add it above
+
+
+def check_field_types(config: TrainConfig) -> None:
+    """Raise ``ValueError`` for the first field whose value is not of its annotated type, in one line naming the
+    field, the type expected and the value given (``lr = "abc"``, ``epochs = "5"``, ``binarize = "yes"``,
+    ``lr = inf``, ``architecture_options = "mlp"``)."""
+    for f in dataclasses.fields(config):
+        hint, value = _field_hints()[f.name], getattr(config, f.name)
+        if not _has_type(value, hint):
+            raise ValueError(f"{f.name} must be {_expected(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def check_device(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is "auto" or a device string torch parses ("cpu", "cuda", "cuda:1",
+    "mps"). Whether that device is present is not checked here: a config may be written on one machine and run on
+    another (:func:`resolve_device` checks, when the run starts)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(
+            f'device must be "auto" or a torch device such as "cpu", "cuda" or "cuda:1", got {name!r}'
+        ) from err
 
 
 # compile=None compiles runs on at least this many training examples (steps x batch size): a compilation costs ~5-20 s

@@ -623,7 +623,7 @@ def estimator_study(
 
     ``"prior"`` is naive Monte Carlo (r = p(z)), ``"posterior"`` importance sampling with q (default the encoder).
     Memory stays flat in k: ``log_marginal`` streams the samples in chunks. Each row keeps the per-example value,
-    delta-method stderr (NaN at k = 1), ESS and Pareto k-hat (NaN below k = 25, -inf for a flat tail).
+    delta-method stderr (NaN at k = 1), ESS and Pareto k-hat (NaN below k = 21, -inf for a flat tail).
     """
     ks = [int(kk) for kk in ks]
     for proposal in proposals:

@@ -55,8 +55,12 @@ def _check_count(value: object, name: str) -> int:
     return value
 
 
+def _check_chunk_size(value: object) -> int | None:
+    return None if value is None else _check_count(value, "chunk_size")
+
+
 def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
 
@@ -72,6 +76,9 @@ def check_data(model, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    dtype = _parameter_dtype(model)
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {dtype}: convert one to the other")
     stated = getattr(model, "data_shape", None)
     if stated is None:  # the model does not say: any [B, *data_shape] with B >= 1
         if x.ndim < 2 or x.shape[0] < 1:
@@ -84,6 +91,14 @@ def check_data(model, x: torch.Tensor) -> torch.Tensor:
     if not _trusted:
         check_values(x, data_support(model, x))
     return x
+
+
+def _parameter_dtype(model) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter; None for a model without parameters."""
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return None
+    return next((p.dtype for p in parameters() if p.is_floating_point()), None)
 
 
 def latent_dim(model) -> int:
@@ -190,7 +205,26 @@ _BOUNDED_SUPPORTS = (constraints.boolean, constraints.unit_interval)
 
 
 def _posterior(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
+    """q(z|x): ``q`` if given (checked), else ``model.encode(x)``; batch ``[B]``, event ``[d]``."""
+    if q is not None and not isinstance(q, Distribution):
+        raise ValueError(f"q must be a torch.distributions.Distribution or None, got {type(q).__name__}")
     q = model.encode(x) if q is None else q
+    return _check_q_shape(model, x, q)
+
+
+def _proposal(model, x: torch.Tensor, proposal: str, q: Distribution | None) -> Distribution | None:
+    """The proposal r to draw from: q(z|x) for ``"posterior"``, None (the prior) for ``"prior"``. A ``q`` given with
+    the prior proposal is not used, but is checked all the same (a wrong q is a caller's mistake either way)."""
+    if proposal == "posterior":
+        return _posterior(model, x, q)
+    if q is not None:
+        if not isinstance(q, Distribution):
+            raise ValueError(f"q must be a torch.distributions.Distribution or None, got {type(q).__name__}")
+        _check_q_shape(model, x, q)
+    return None
+
+
+def _check_q_shape(model, x: torch.Tensor, q: Distribution) -> Distribution:
     batch, event = (x.shape[0],), (latent_dim(model),)
     if tuple(q.batch_shape) != batch or tuple(q.event_shape) != event:
         raise ValueError(
@@ -255,9 +289,9 @@ def elbo_parts(model, x: torch.Tensor, *, k: int = 1, form: ElboForm = "joint", 
     * ``"entropy"``: E_q[log p(x,z)] + H[q]       -> kl = -mean_k[log p(z)] - H[q]   (H analytic if available);
     * ``"kl"``:      E_q[log p(x|z)] - KL(q||p)   -> kl = KL(q || p(z))               (analytic if registered).
     """
-    check_data(model, x)
     _check_count(k, "k")
     _check_choice(form, "form", ELBO_FORMS)
+    check_data(model, x)
     q = _posterior(model, x, q)
     z, prior, log_lik = _elbo_draw(model, x, q, k)
     if form == "joint":
@@ -282,8 +316,8 @@ def elbo_integrands(model, x: torch.Tensor, *, k: int, q: Distribution | None = 
     Their means over k are exactly ``elbo_parts(..., form=f).elbo`` for the same draw; their spreads are the forms'
     Monte Carlo variances (analytic entropy and KL, where used, are per-example constants).
     """
-    check_data(model, x)
     _check_count(k, "k")
+    check_data(model, x)
     q = _posterior(model, x, q)
     z, prior, log_lik = _elbo_draw(model, x, q, k)
     log_prior = prior.log_prob(z)
@@ -319,11 +353,10 @@ def log_weights(
     ``proposal="posterior"``: r = q(z|x) (``model.encode(x)`` unless ``q`` is given). ``proposal="prior"``: r = p(z),
     so log w = log p(x|z).
     """
-    check_data(model, x)
     _check_count(k, "k")
     _check_choice(proposal, "proposal", PROPOSALS)
-    r = _posterior(model, x, q) if proposal == "posterior" else None
-    return _log_weights(model, x, r, k)
+    check_data(model, x)
+    return _log_weights(model, x, _proposal(model, x, proposal, q), k)
 
 
 def iwae_bound(model, x: torch.Tensor, *, k: int, q: Distribution | None = None) -> torch.Tensor:
@@ -346,7 +379,8 @@ class LogMarginal:
         pareto_k: PSIS k-hat of the weights' upper tail (Vehtari et al., 2024). At most
             :func:`pareto_k_threshold` (k) (0.7 for k >= 2200, stricter below) the estimate is reliable; above, its
             variance may be infinite and ``stderr`` meaningless. -inf when the tail is flat (the largest
-            log-weights agree to 1e-6 relative, e.g. the exact posterior as proposal); NaN when k < 25 (too few to fit).
+            log-weights agree to 1e-6 relative, e.g. the exact posterior as proposal); NaN when k < 21
+            (:data:`PARETO_MIN_SAMPLES`: a tail of fewer than 5 weights is too short to fit).
         iwae: ``{j: IWAE_j}`` for the ``iwae_ks`` asked of :func:`log_marginal`: log (1/j) sum_{i <= j} w_i, the bound
             from the first j of the same samples (nested prefixes of one draw, so no extra decoder passes).
         iwae_stderr: ``{j: stderr of IWAE_j}``, the delta-method error of ``value`` computed from the first j weights.
@@ -385,33 +419,54 @@ class _WeightStats:
 
     Memory per example: a few running sums, plus the M + 1 largest log-weights for the Pareto fit, M ~ 3 sqrt(k)
     (213 values at k = 5000), and chunks held back until they make up _TOP_BUFFER rows: flat in k for practical
-    purposes. (A top-k over [chunk + M, B] per chunk cost ~6% of a compiled k = 5000 evaluation; one per
-    _TOP_BUFFER rows costs ~0.3%.)
+    purposes. Held-back chunks are folded into the sums and the tail together, as one block: a chunk costs O(1)
+    (an append) whatever its size, so ``chunk_size=1`` is not slower per sample than large chunks in the statistics
+    (it was 1.4 ms a chunk when every update summed over the held-back chunks and did ~15 small tensor operations:
+    benchmarks/stream_chunks.py). (A top-k over [chunk + M, B] per chunk cost ~6% of a compiled k = 5000
+    evaluation; one per _TOP_BUFFER rows costs ~0.3%.) How the samples are blocked changes the results only by
+    rounding (tests/test_estimators.py::streaming_rounding_bounds).
 
     Weights are kept relative to a running max ``m`` (rescaled when it grows), log-weights relative to a shift
-    ``c0`` (the first chunk's mean) so their squares do not lose precision. Accumulates in float64.
+    ``c0`` (the first block's mean) so their squares do not lose precision. Accumulates in float64.
     """
 
     def __init__(self, tail: int, prefixes: tuple[int, ...] = ()):
         self.tail = tail  # how many of the largest log-weights to keep for the Pareto fit
         self.prefixes = prefixes  # sample counts j at which to record IWAE_j of the first j samples
         self.prefix_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # j -> (IWAE_j, its stderr)
-        self.n = 0
+        self.n = 0  # samples folded into the sums
+        self.pending: list[torch.Tensor] = []  # chunks not folded yet, [c, B] each
+        self.pending_rows = 0  # their total rows: a running count (summing the lengths cost O(chunks) per update)
 
     def update(self, lw: torch.Tensor) -> None:
-        lw = lw.detach().to(torch.float64)
+        self.pending.append(lw.detach().to(torch.float64))
+        self.pending_rows += lw.shape[0]
+        if self.pending_rows >= _TOP_BUFFER:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the held-back chunks, ``[rows, B]`` together, into the running sums, the prefixes and the tail."""
+        if not self.pending:
+            return
+        lw = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending, 0)
+        self.pending, self.pending_rows = [], 0
         if self.n == 0:
             self.max = lw.max(0).values
             self.shift = lw.mean(0)
             zeros = torch.zeros_like(self.max)
             self.s_w, self.s_ww, self.s_wl, self.s_l, self.s_ll = (zeros.clone() for _ in range(5))
-            self.top, self.pending = lw[:0], []
+            self.top = lw[:0]
         for j in self.prefixes:
-            if self.n < j <= self.n + lw.shape[0]:  # IWAE_j: the running sum so far plus this chunk's head
+            if self.n < j <= self.n + lw.shape[0]:  # IWAE_j: the running sum so far plus this block's head
                 head = lw[: j - self.n]
-                m = torch.maximum(self.max, head.max(0).values)
-                rescale, w = torch.exp(self.max - m), torch.exp(head - m)
-                s_w, s_ww = self.s_w * rescale + w.sum(0), self.s_ww * rescale**2 + (w * w).sum(0)
+                # relative to the max of the first j samples only: the block's max may lie beyond them, hundreds of
+                # nats higher, and exp(head - that) underflow to 0 (IWAE_j = -inf; found by the fuzzer)
+                m = head.max(0).values if self.n == 0 else torch.maximum(self.max, head.max(0).values)
+                w = torch.exp(head - m)
+                s_w, s_ww = w.sum(0), (w * w).sum(0)
+                if self.n:  # plus the running sums so far, rescaled to the common max
+                    rescale = torch.exp(self.max - m)
+                    s_w, s_ww = self.s_w * rescale + s_w, self.s_ww * rescale**2 + s_ww
                 self.prefix_bounds[j] = _bound_and_stderr(m, s_w, s_ww, j)[:2]
         new_max = torch.maximum(self.max, lw.max(0).values)
         rescale = torch.exp(self.max - new_max)
@@ -424,17 +479,12 @@ class _WeightStats:
         self.s_ll = self.s_ll + (centered * centered).sum(0)
         self.max = new_max
         if self.tail:
-            self.pending.append(lw)
-            if sum(len(rows) for rows in self.pending) >= _TOP_BUFFER:
-                self._merge_top()
+            both = torch.cat([self.top, lw], 0)
+            self.top = both.topk(min(self.tail + 1, both.shape[0]), dim=0).values
         self.n += lw.shape[0]
 
-    def _merge_top(self) -> None:
-        both = torch.cat([self.top, *self.pending], 0)
-        self.top = both.topk(min(self.tail + 1, both.shape[0]), dim=0).values
-        self.pending = []
-
     def log_marginal(self) -> LogMarginal:
+        self._fold()
         value, stderr, ess = _bound_and_stderr(self.max, self.s_w, self.s_ww, self.n)
         return LogMarginal(
             value=value,
@@ -448,6 +498,7 @@ class _WeightStats:
 
     def posterior_gap(self) -> PosteriorGap:
         """gap = log(mean w) - mean(log w); delta-method variance from the pair (w, log w) of the same samples."""
+        self._fold()
         n = self.n
         mean_w, mean_l = self.s_w / n, self.s_l / n
         value = self.max + torch.log(mean_w) - (self.shift + mean_l)
@@ -463,8 +514,6 @@ class _WeightStats:
     def _pareto_k(self) -> torch.Tensor:
         if not self.tail:
             return torch.full_like(self.max, math.nan)
-        if self.pending:
-            self._merge_top()
         return pareto_khat(self.top)
 
 
@@ -476,10 +525,16 @@ def pareto_k_threshold(k: int) -> float:
     return min(1.0 - 1.0 / math.log10(k), 0.7) if k > 10 else 0.0
 
 
+# The fewest samples whose Pareto tail is fitted: M = ceil(0.2 k) reaches 5 weights at k = 21 (0.2 * 21 = 4.2), as in
+# PSIS's reference implementations (arviz fits a tail of more than 4); below, k-hat is NaN.
+PARETO_MIN_SAMPLES = 21
+_PARETO_MIN_TAIL = 5
+
+
 def _pareto_tail_size(k: int) -> int:
-    """PSIS tail length M = min(ceil(0.2 k), ceil(3 sqrt(k))); 0 (no fit) when M < 5, i.e. k < 25."""
+    """PSIS tail length M = min(ceil(0.2 k), ceil(3 sqrt(k))); 0 (no fit) when M < 5, i.e. k < 21."""
     m = min(math.ceil(0.2 * k), math.ceil(3 * math.sqrt(k)))
-    return m if m >= 5 else 0
+    return m if m >= _PARETO_MIN_TAIL else 0
 
 
 def pareto_khat(top_log_weights: torch.Tensor) -> torch.Tensor:
@@ -528,15 +583,13 @@ def _compiled_log_weights():
 
 
 def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefixes=()) -> _WeightStats:
+    """The weight statistics of ``k`` samples, drawn ``chunk_size`` at a time (arguments checked by the caller)."""
     check_data(model, x)
-    _check_count(k, "k")
-    _check_choice(proposal, "proposal", PROPOSALS)
     if chunk_size is None:
         chunk_size = _auto_chunk(model, x, k, compiled=compile)
-    _check_count(chunk_size, "chunk_size")
     stats = _WeightStats(tail=tail, prefixes=prefixes)
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
-        r = _posterior(model, x, q) if proposal == "posterior" else None
+        r = _proposal(model, x, proposal, q)
         done = 0
         while done < k:
             c = min(chunk_size, k - done)
@@ -594,6 +647,13 @@ def log_marginal(
     Returns:
         :class:`LogMarginal` with ``value``, ``stderr``, ``ess`` and ``pareto_k``, each ``[B]``, and ``iwae``.
     """
+    _check_count(k, "k")  # first: everything below computes with k
+    _check_choice(proposal, "proposal", PROPOSALS)
+    _check_chunk_size(chunk_size)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if isinstance(iwae_ks, str | bytes) or not isinstance(iwae_ks, Sequence):
+        raise ValueError(f"iwae_ks must be a sequence of integers, got {iwae_ks!r}")
     prefixes = tuple(sorted({_check_count(j, "each of iwae_ks") for j in iwae_ks}))
     if prefixes and prefixes[-1] > k:
         raise ValueError(f"iwae_ks must be at most k = {k}, got {prefixes[-1]}")
@@ -612,4 +672,6 @@ def posterior_gap(
     Both terms come from the same samples: gap = log mean_i w_i - mean_i log w_i (>= 0 by Jensen). Because
     log p-hat_k is itself biased low, E[gap] <= the true gap, the shortfall shrinking like O(1/k).
     """
+    _check_count(k, "k")
+    _check_chunk_size(chunk_size)
     return _stream(model, x, k=k, proposal="posterior", chunk_size=chunk_size, q=q, tail=0).posterior_gap()

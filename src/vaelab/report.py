@@ -79,7 +79,7 @@ def as_json(result: Any) -> Any:
 
 
 def _num(value: Any) -> float | None:
-    """A plain float, or None where the value is not finite (NaN stderr at k = 1, Pareto k-hat at k < 25)."""
+    """A plain float, or None where the value is not finite (NaN stderr at k = 1, Pareto k-hat at k < 21)."""
     value = float(value)
     return value if math.isfinite(value) else None
 
