@@ -37,10 +37,12 @@ from vaelab.data import (
     download_dataset,
     find_dataset,
     load_dataset,
+    mean_example,
     random_bits,
     read_idx,
     split_indices,
 )
+from vaelab.tolerance import reduction_error_bound
 
 
 def _shared_data() -> Path:
@@ -712,3 +714,17 @@ def test_binarize_dynamic_keeps_the_dtype_and_the_probability(dtype):
     assert b.dtype == dtype and set(b.unique().tolist()) <= {0.0, 1.0}
     p = x[0].item()  # 0.3 as rounded in this dtype
     assert abs(b.double().mean().item() - p) < 5 * (p * (1 - p) / len(x)) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_mean_example_of_a_memory_mapped_split(tmp_path, dtype):
+    # the decoder bias starts at this mean: a mapped float .npy of few rows (one read, not a tensor) failed here
+    rng = np.random.default_rng(3)
+    values = rng.random((300, 12)) if dtype == np.float32 else rng.integers(0, 256, (300, 12))
+    np.save(tmp_path / "a.npy", values.astype(dtype))
+    splits = load_dataset(tmp_path / "a.npy", validation_size=50, seed=0)
+    assert isinstance(splits.train, MappedRows)
+    rows = as_float(splits.train[:]).double()
+    got = mean_example(splits.train).double()
+    # float32 sums of 250 rows, each within rounding of the float64 mean (vaelab.tolerance)
+    assert ((got - rows.mean(0)).abs() <= reduction_error_bound(rows.abs().mean(0), 250 + 2, torch.float32)).all()

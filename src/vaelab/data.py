@@ -969,7 +969,7 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 def mean_example(x: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
     """The mean example ``[*data_shape]`` of ``x [N, ...]`` (uint8 or float), ``rows`` at a time: no float copy of
     the whole of ``x`` (which may be 8-bit, or memory-mapped)."""
-    if x.is_floating_point() and x.shape[0] <= rows:
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.shape[0] <= rows:
         return x.mean(0)
     total = sum(as_float(x[i : i + rows]).double().sum(0) for i in range(0, x.shape[0], rows))
     return (total / x.shape[0]).to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
