@@ -349,11 +349,12 @@ def torch_seed(seed: int) -> None:
 # Measured: `vaelab eval RUN` with defaults on a one-epoch iwae-1layer MNIST run, on the 2-core AMD EPYC this was
 # developed on, while other jobs shared its CPU (load average 3-5): headline 12.2 min (37 images/s over the first
 # 2000 images while the CPU was free: ~4.5 min for 10,000), then gap decomposition 3.5 min, ELBO forms 0.4 min,
-# estimator study 1.2 min: 17.4 min in all.
+# estimator study 1.2 min: 17.4 min in all. Re-measured with the CPU to itself (docs/performance.md, session 6):
+# headline 4 min 05 s, diagnostics 68 s (gap decomposition 39 s, ELBO forms 7 s, estimator study 22 s), 319 s in all.
 EVAL_COST = (
     "Cost with the defaults (k = 5000, 10,000 MNIST test images, 500 for the diagnostics) on a 2-core CPU: the "
-    "headline numbers are k x examples = 5e7 decoder passes, about 4.5 minutes for a one-hidden-layer MLP with the "
-    "CPU to itself (12 minutes when shared with other jobs); the diagnostics add about 5 minutes (shared CPU). "
+    "headline numbers are k x examples = 5e7 decoder passes, about 4 minutes for a one-hidden-layer MLP with the "
+    "CPU to itself (12 minutes when shared with other jobs); the diagnostics add about 1 minute (5 when shared). "
     "The headline scales with --k x --examples, the diagnostics with --diagnostics-examples; --fast skips them."
 )
 
