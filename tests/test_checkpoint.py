@@ -7,7 +7,9 @@ so the optimizer holds non-trivial state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -326,3 +328,59 @@ def test_every_fault_point_is_reached_by_a_save(tmp_path):
         assert not [p for p in where.iterdir() if p.name.startswith(".")], point  # nothing half-done stays
         if (where / "best").exists():
             load_checkpoint(where / "best")  # and what is there is whole
+
+
+# --- weights that do not fit, or are not finite, are refused on load -------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    from vaelab.train import train
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    config = dataclasses.replace(small_config(), max_steps=2, validation_size=0, eval_k=2, compile=False)
+    train(config, batch(), None, run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda w: w.update({next(iter(w)): torch.full_like(next(iter(w.values())), math.nan)}), "holds NaN or inf in"),
+        (lambda w: w.pop(next(iter(w))), "does not fit the model .*: missing "),
+        (lambda w: w.update(extra=torch.zeros(2)), "does not fit the model .*: unexpected extra"),
+        (lambda w: w.update({next(iter(w)): torch.zeros(3, 3)}), r"has shape \[3, 3\], the config's model needs"),
+    ],
+    ids=["nan", "missing", "extra", "shape"],
+)
+def test_load_run_refuses_weights_that_do_not_fit_or_are_not_finite(finished_run, tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    from vaelab.runs import load_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    weights = load_file(run_dir / "model.safetensors")
+    damage(weights)
+    save_file(weights, run_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_run(run_dir)
+    assert str(run_dir / "model.safetensors") in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_eval_of_nan_weights_is_a_one_line_error_not_nan_numbers(finished_run, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    weights = {
+        name: torch.full_like(value, math.nan) for name, value in load_file(run_dir / "model.safetensors").items()
+    }
+    save_file(weights, run_dir / "model.safetensors")
+    done = subprocess.run(
+        [sys.executable, "-m", "vaelab", "eval", str(run_dir), "--k", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("vaelab eval: error: ") and "NaN or inf" in done.stderr
+    assert not (run_dir / "eval_test.json").exists()

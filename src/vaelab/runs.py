@@ -109,6 +109,7 @@ def load_run(run_dir: str | Path, *, which: str = "final", device: str | torch.d
         weights, _, meta = load_checkpoint(directory)
         weights_path, step, data_shape = directory / "model.safetensors", meta["step"], meta["data_shape"]
     model = build_model(config, data_shape)
+    _check_weights(model, weights, weights_path)
     model.load_state_dict(weights)
     model.to(device).eval()
     metrics_path = run_dir / "metrics.jsonl"
@@ -118,6 +119,27 @@ def load_run(run_dir: str | Path, *, which: str = "final", device: str | torch.d
         else []
     )
     return Run(run_dir=run_dir, config=config, model=model, metrics=metrics, weights=weights_path, step=step)
+
+
+def _check_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse, in one line naming the file, weights that do not fit the model the config builds (missing, extra or
+    wrong-shape tensors) or that hold NaN or inf (which every estimate would then report as nan)."""
+    expected = model.state_dict()
+    problems = []
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if extra:
+        problems.append(f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+    for name in sorted(set(expected) & set(weights)):
+        if weights[name].shape != expected[name].shape:
+            got, want = list(weights[name].shape), list(expected[name].shape)
+            problems.append(f"{name} has shape {got}, the config's model needs {want}")
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model its run's config.json builds: {'; '.join(problems)}")
+    bad = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or inf in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
 
 
 def _data_shape_from_checkpoints(run_dir: Path) -> list[int]:
