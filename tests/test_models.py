@@ -360,6 +360,13 @@ def user_families():
     del MODELS["test-tiny-bernoulli"], PRIORS["test-shifted-normal"]
 
 
+def user_config(**overrides) -> TrainConfig:
+    """A few steps of the test's own model and prior, named in a config as a user's registered families would be."""
+    fields = dict(model="test-tiny-bernoulli", prior="test-shifted-normal", latent_dim=2, batch_size=25, max_steps=4)
+    fields |= dict(validation_size=0, eval_k=2, eval_examples=20, compile=False, progress=False)
+    return TrainConfig(**fields | overrides)
+
+
 def test_register_model_refuses_a_taken_name_and_a_class_that_cannot_build_itself():
     with pytest.raises(ValueError, match="'vae' is taken by VAE"):
         register_model("vae")(TinyBernoulliModel)
@@ -372,19 +379,7 @@ def test_register_model_refuses_a_taken_name_and_a_class_that_cannot_build_itsel
 def test_a_user_model_and_prior_train_from_a_config_naming_them_and_reload(user_families, tmp_path):
     gen = torch.Generator().manual_seed(11)
     data = torch.rand(100, 6, generator=gen)  # pixel probabilities, binarized at every step
-    config = TrainConfig(
-        model="test-tiny-bernoulli",
-        prior="test-shifted-normal",
-        prior_options={"shift": 0.5},
-        latent_dim=2,
-        batch_size=25,
-        max_steps=4,
-        validation_size=0,
-        eval_k=2,
-        eval_examples=20,
-        compile=False,
-        progress=False,
-    )
+    config = user_config(prior_options={"shift": 0.5})
     assert train(config, data, data[:20], tmp_path / "run").step == 4
     run = load_run(tmp_path / "run")
     assert isinstance(run.model, TinyBernoulliModel) and isinstance(run.model.prior_module, ShiftedNormal)
@@ -482,18 +477,7 @@ def test_a_user_model_and_prior_get_the_full_diagnostics_and_a_report(user_famil
 
     gen = torch.Generator().manual_seed(12)
     data = torch.rand(100, 6, generator=gen)
-    config = TrainConfig(
-        model="test-tiny-bernoulli",
-        prior="test-shifted-normal",
-        latent_dim=2,
-        batch_size=25,
-        max_steps=4,
-        validation_size=0,
-        eval_k=2,
-        eval_examples=20,
-        compile=False,
-        progress=False,
-    )
+    config = user_config()
     train(config, data, data[:20], tmp_path / "run")
     run = load_run(tmp_path / "run")
     x = torch.bernoulli(data[:12], generator=gen)
