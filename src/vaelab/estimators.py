@@ -206,10 +206,7 @@ _BOUNDED_SUPPORTS = (constraints.boolean, constraints.unit_interval)
 
 def _posterior(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
     """q(z|x): ``q`` if given (checked), else ``model.encode(x)``; batch ``[B]``, event ``[d]``."""
-    if q is not None and not isinstance(q, Distribution):
-        raise ValueError(f"q must be a torch.distributions.Distribution or None, got {type(q).__name__}")
-    q = model.encode(x) if q is None else q
-    return _check_q_shape(model, x, q)
+    return _check_q(model, x, model.encode(x) if q is None else q)
 
 
 def _proposal(model, x: torch.Tensor, proposal: str, q: Distribution | None) -> Distribution | None:
@@ -218,13 +215,14 @@ def _proposal(model, x: torch.Tensor, proposal: str, q: Distribution | None) -> 
     if proposal == "posterior":
         return _posterior(model, x, q)
     if q is not None:
-        if not isinstance(q, Distribution):
-            raise ValueError(f"q must be a torch.distributions.Distribution or None, got {type(q).__name__}")
-        _check_q_shape(model, x, q)
+        _check_q(model, x, q)
     return None
 
 
-def _check_q_shape(model, x: torch.Tensor, q: Distribution) -> Distribution:
+def _check_q(model, x: torch.Tensor, q: Distribution) -> Distribution:
+    """``q`` unchanged if it is a Distribution of batch ``[B]`` and event ``[d]``, else a ValueError saying so."""
+    if not isinstance(q, Distribution):
+        raise ValueError(f"q must be a torch.distributions.Distribution or None, got {type(q).__name__}")
     batch, event = (x.shape[0],), (latent_dim(model),)
     if tuple(q.batch_shape) != batch or tuple(q.event_shape) != event:
         raise ValueError(

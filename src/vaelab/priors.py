@@ -15,13 +15,25 @@ from torch.distributions import Categorical, Distribution, Independent, MixtureS
 from vaelab._math import inverse_softplus, positive_scale
 
 
+def _check_latent_dim(latent_dim: int) -> int:
+    if latent_dim < 1:
+        raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+    return latent_dim
+
+
+def _check_min_scale(min_scale: float, what: str) -> float:
+    """The floor of a learned scale that starts at 1 (scale = softplus(raw) + floor): in (0, 1)."""
+    if not 0 < min_scale < 1:
+        raise ValueError(f"min_scale must be in (0, 1) ({what} at scale 1), got {min_scale}")
+    return min_scale
+
+
 class StandardNormal(nn.Module):
     """p(z) = N(0, I_d). Buffers, not parameters: nothing to learn, but it follows the model's device and dtype."""
 
     def __init__(self, latent_dim: int):
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        _check_latent_dim(latent_dim)
         self.latent_dim = latent_dim
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))
@@ -40,10 +52,8 @@ class LearnedGaussian(nn.Module):
 
     def __init__(self, latent_dim: int, min_scale: float = 1e-3):
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
-        if not 0 < min_scale < 1:
-            raise ValueError(f"min_scale must be in (0, 1) (the prior starts at scale 1), got {min_scale}")
+        _check_latent_dim(latent_dim)
+        _check_min_scale(min_scale, "the prior starts")
         self.latent_dim = latent_dim
         self.min_scale = min_scale
         self.loc = nn.Parameter(torch.zeros(latent_dim))
@@ -73,14 +83,12 @@ class MixtureOfGaussians(nn.Module):
 
     def __init__(self, latent_dim: int, components: int = 10, init_spread: float = 1.0, min_scale: float = 1e-3):
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        _check_latent_dim(latent_dim)
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
             raise ValueError(f"components must be an integer >= 1, got {components!r}")
         if not init_spread >= 0:
             raise ValueError(f"init_spread must be >= 0, got {init_spread}")
-        if not 0 < min_scale < 1:
-            raise ValueError(f"min_scale must be in (0, 1) (the components start at scale 1), got {min_scale}")
+        _check_min_scale(min_scale, "the components start")
         self.latent_dim = latent_dim
         self.min_scale = min_scale
         self.logits = nn.Parameter(torch.zeros(components))
