@@ -581,3 +581,26 @@ def test_diagnostics_of_a_two_layer_model():
     assert set(r["elbo_forms"]["forms"]) == set(ELBO_FORMS)
     assert r["iwae_curve"]["k"] == [1, 2, 5, 10, 20, 30]  # the prefixes of log p(x)'s own k = 30 samples
     assert len(r["estimator_study"]["rows"]) == 4
+
+
+def test_diagnostics_of_a_model_given_context_are_conditional():
+    # every diagnostic binds each batch to its rows' labels: with ClassMeanGaussian's exact posterior p(z|x, y) as
+    # q, log p-hat(x|y) is exact and the posterior gap is zero up to the ELBOs' Monte Carlo error
+    from tiny import ClassMeanGaussian
+
+    torch.manual_seed(0)
+    model = ClassMeanGaussian(5, 2, classes=3, seed=1, dtype=torch.float64)
+    x, y = model.sample(12, classes=3, seed=2)
+    d = diagnostics(
+        model, x, k=200, examples=8, steps=20, elbo_k=200, form_k=50, study_examples=3, study_ks=(1, 10),
+        batch_size=5, context={"y": y},
+    )  # fmt: skip
+    exact = model.log_marginal_exact(x, y)
+    assert_within_stderr(d.evaluation["log_px"]["mean"], exact.mean(), 0.0, what="log p-hat(x|y)")
+    gaps = d.gap_decomposition
+    assert_within_stderr(gaps.log_px.value, exact[:8], gaps.log_px.mc_stderr, what="defensive-mixture log p-hat(x|y)")
+    assert_within_stderr(gaps.posterior_gap.value, torch.zeros(8), gaps.posterior_gap.mc_stderr, what="gap at p(z|x,y)")
+    joint = d.elbo_forms.forms["joint"]  # at the exact posterior the joint integrand is the constant log p(x|y)
+    assert_within_stderr(joint.value.value, exact[:8], torch.zeros(8), what="joint-form ELBO at p(z|x,y)")
+    assert len(d.estimator_study.rows) == 4 and all(len(r.estimate.value) == 3 for r in d.estimator_study.rows)
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while q* was optimised

@@ -66,3 +66,27 @@ def test_format_evaluation_shows_a_gap_that_does_not_apply():
     text = format_evaluation(r)
     assert text.count(f"not applicable: {reason}") == 2 and "log p(x)" in text
     assert math.isfinite(r["log_px"]["mean"])
+
+
+def test_evaluate_model_binds_each_batch_to_its_own_context():
+    # ClassMeanGaussian asks for labels: p(x, z | y). Its view's encoder is the exact posterior p(z|x, y), so every
+    # log-weight is log p(x|y) and log p-hat equals the closed form per example, but only if each batch (7 rows, not
+    # a divisor of 30) is given its own rows' labels; with shifted labels the numbers move by nats
+    from tiny import ClassMeanGaussian
+
+    torch.manual_seed(0)
+    model = ClassMeanGaussian(5, 2, classes=3, seed=1, dtype=torch.float64)
+    x, y = model.sample(30, classes=3, seed=2)
+    exact = model.log_marginal_exact(x, y).mean().item()
+    r = evaluate_model(model, x, k=50, iwae_ks=(1, 10), batch_size=7, progress=False, context={"y": y})
+    assert r["examples"] == 30 and r["latent_dim"] == 2
+    assert_within_stderr(r["log_px"]["mean"], exact, 0.0, what="log p-hat(x|y) with the exact posterior")
+    for kk in ("1", "10"):
+        assert_within_stderr(r["iwae"][kk]["mean"], exact, 0.0, what=f"IWAE_{kk} of log p(x|y)")
+    assert r["kl_per_dim"] is None  # q is a full-covariance Gaussian
+    wrong = evaluate_model(model, x, k=50, iwae_ks=(), batch_size=7, progress=False, context={"y": (y + 1) % 3})
+    assert wrong["log_px"]["mean"] < exact - 1
+    with pytest.raises(ValueError, match=r"asks for context y .* not given: pass context=\{'y': \.\.\.\}"):
+        evaluate_model(model, x, k=5, progress=False)
+    with pytest.raises(ValueError, match=r"context 'y' has 29 rows but x has 30"):
+        evaluate_model(model, x, k=5, progress=False, context={"y": y[:29]})

@@ -721,7 +721,7 @@ def test_a_model_with_context_trains_and_validates_given_each_examples_labels(tm
     assert exact > before + 1
     shuffled = y[1000:][torch.randperm(200, generator=torch.Generator().manual_seed(0))]
     assert exact > model.log_marginal_exact(x[1000:], shuffled).mean() + 1
-    with pytest.raises(ValueError, match="the model asks for context y, which train_data does not hold"):
+    with pytest.raises(ValueError, match="the model reads y, which train_data does not hold"):
         Trainer(config, x[:1000], None, tmp_path / "no-labels", model=model)
     with pytest.raises(ValueError, match=r"train_data\['y'\] has 999 rows, not 1000 as x"):
         Trainer(config, {"x": x[:1000], "y": y[:999]}, None, tmp_path / "misaligned", model=model)

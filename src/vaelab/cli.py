@@ -277,13 +277,10 @@ def _load(run_dir: str):
 
 
 def _eval_data(run, split: str, examples: int | None, seed: int):
+    """The first ``examples`` of a split (all: None) as the run evaluates them, on the model's device, and the
+    context a model that asks for it is given there (``{"y": labels}``; None for other models)."""
     from vaelab.data import as_float, binarize_fixed
 
-    if getattr(run.model, "context", ()):  # evaluate.py's estimators take x alone, not the context to bind
-        raise UserError(
-            f"{run.run_dir}: the model asks for context ({', '.join(run.model.context)}), which vaelab eval, report, "
-            f"reconstruct and compare do not pass yet; evaluate it from Python with model.given(...)"
-        )
     splits = _load_splits(run.config, run.run_dir)
     data = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
     if len(data) == 0:
@@ -292,7 +289,15 @@ def _eval_data(run, split: str, examples: int | None, seed: int):
     if run.config.binarizes and not splits.binary:
         data = binarize_fixed(data, seed=seed)  # the fixed-seed binarization of the evaluation protocol
     device = next(run.model.parameters()).device
-    return data.to(device)
+    context = None
+    asks = tuple(getattr(run.model, "context", ()))
+    if asks:
+        labels = getattr(splits, f"{split}_labels")
+        if asks != ("y",) or labels is None:
+            what = "labels" if asks == ("y",) else ", ".join(asks)
+            raise UserError(f"{run.run_dir}: the model is given {what}, which the {split} split of {splits.name} lacks")
+        context = {"y": labels[: len(data)].to(device)}
+    return data.to(device), context
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -302,22 +307,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _check_at_least_one(args, "k", "examples", "diagnostics_examples", "batch_size")
     run = _load(args.run_dir)
-    x = _eval_data(run, args.split, args.examples, args.seed)
+    x, context = _eval_data(run, args.split, args.examples, args.seed)
     torch_seed(args.seed)
     progress = not args.no_progress
-    options = dict(k=args.k, batch_size=args.batch_size, progress=progress, compile=args.compile)
+    options = dict(k=args.k, batch_size=args.batch_size, progress=progress, compile=args.compile, context=context)
     if args.fast:
         result = as_json(evaluate_model(run.model, x, **options))
     else:
         result = as_json(diagnostics(run.model, x, examples=args.diagnostics_examples, **options))
     result.update(_baselines(run, x))
     result.update(run_dir=str(args.run_dir), split=args.split, weights=str(run.weights), seed=args.seed)
-    print(f"{args.run_dir} on {run.config.dataset} {args.split}:")
+    if context is not None:
+        result["given"] = sorted(context)
+    print(f"{args.run_dir} on {run.config.dataset} {args.split}{_given(context)}:")
     print(format_evaluation(result))
     out = args.json or str(Path(args.run_dir) / f"eval_{args.split}.json")
     Path(out).write_text(json.dumps(result, indent=2))
     print(f"results written to {out}")
     return 0
+
+
+def _given(context) -> str:
+    """How a result over ``context`` reads: " given y" (conditional numbers, log p(x|y)) or nothing."""
+    return "" if not context else f", given {', '.join(sorted(context))} (every number is conditional: log p(x|y))"
 
 
 def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
@@ -427,12 +439,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from vaelab.models import bind
     from vaelab.plots import reconstruction_pairs, save_grid
 
     run = _load(args.run_dir)
-    x = _eval_data(run, "test", args.n, args.seed)
+    x, context = _eval_data(run, "test", args.n, args.seed)
     out = args.out or str(Path(args.run_dir) / "reconstructions.png")
-    save_grid(out, reconstruction_pairs(run.model, x), x.shape[1:], ncol=len(x))
+    save_grid(out, reconstruction_pairs(bind(run.model, context), x), x.shape[1:], ncol=len(x))
     print(f"{len(x)} test images (top row) and their reconstructions (bottom row) written to {out}")
     return 0
 
@@ -462,23 +475,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     _check_at_least_one(args, "k", "examples", "diagnostics_examples")
     run = _load(args.run_dir)
     run_dir = Path(args.run_dir)
-    x = _eval_data(run, "test", args.examples, args.seed)
+    x, context = _eval_data(run, "test", args.examples, args.seed)
     labels = _load_splits(run.config, run_dir).test_labels
     labels = None if labels is None else labels[: len(x)]
     torch_seed(args.seed)
     progress = not args.no_progress
     found = diagnostics(
         run.model, x, k=args.k, examples=args.diagnostics_examples, slow=not args.fast, progress=progress,
-        compile=args.compile,
+        compile=args.compile, context=context,
     )  # fmt: skip
     result = as_json(found)
     result.update(_baselines(run, x))
     result.update(run_dir=str(run_dir), split="test", weights=str(run.weights), seed=args.seed)
+    if context is not None:
+        result["given"] = sorted(context)
     json_path = Path(args.json) if args.json else run_dir / "diagnostics_test.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(result, indent=2))
     torch_seed(args.seed)
-    pictures = draw_pictures(run.model, x, run_dir / "pictures", labels=labels, metrics=run.metrics, diagnostics=result)
+    pictures = draw_pictures(
+        run.model, x, run_dir / "pictures", labels=labels, metrics=run.metrics, diagnostics=result, context=context
+    )
     out = write_report(run, result, Path(args.out) if args.out else run_dir / "report.html", pictures=pictures)
     print(f"diagnostics of {len(x)} test examples ({found.examples} for the slow ones) written to {json_path}")
     print(f"{len(pictures)} pictures written to {run_dir / 'pictures'}")
@@ -514,10 +531,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     runs = []
     for run_dir in args.run_dirs:
         run = _load(run_dir)
-        runs.append((str(run_dir), run, _eval_data(run, "test", args.examples, args.seed)))
+        runs.append((str(run_dir), run, *_eval_data(run, "test", args.examples, args.seed)))
     torch_seed(args.seed)
     rows = compare_latent_usage(runs, k=args.k, compile=args.compile)
-    by_name = {name: (run, x) for name, run, x in runs}
+    by_name = {name: (run, x) for name, run, x, _ in runs}
     for r in rows:
         r.update(_baselines(*by_name[r["run"]]))
     print(f"{'run':<30} {'beta':>6} {'active':>7} {'KL total':>9} {'ELBO':>9} {'log p(x)':>9}   (nats per example)")

@@ -19,7 +19,7 @@ and the defensive proposal is the :class:`EvenMixture` of q and q*.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +29,8 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from vaelab._math import inverse_softplus, positive_scale
 from vaelab.estimators import ELBO_FORMS, PROPOSALS, LogMarginal, check_data, elbo, elbo_integrands, log_marginal
-from vaelab.evaluate import _concat, _evaluate_model, _should_compile
+from vaelab.evaluate import _concat, _evaluate_model, _should_compile, batches
+from vaelab.models import bind
 from vaelab.posteriors import is_factorised_gaussian
 from vaelab.progress import progress_bar
 
@@ -309,12 +310,11 @@ def _slice_q(q: Distribution | None, rows: slice, batch: int) -> Distribution | 
     raise ValueError(f"cannot split a {type(q).__name__} q into batches; pass batch_size >= {batch}")
 
 
-def _batches(x: torch.Tensor, q: Distribution | None, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    for start in range(0, len(x), batch_size):
-        rows = slice(start, min(start + batch_size, len(x)))
-        yield x[rows], _slice_q(q, rows, len(x))
+def _batches(model, x: torch.Tensor, q: Distribution | None, batch_size: int, context) -> Iterator[tuple[Any, ...]]:
+    """``(view, x[rows], q[rows], rows)`` per batch: the model bound to the rows' context
+    (:func:`vaelab.evaluate.batches`) and the rows of a given q (``None``: the encoder's)."""
+    for view, xb, rows in batches(model, x, batch_size, context):
+        yield view, xb, _slice_q(q, rows, len(x)), rows
 
 
 def _encoder_q(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
@@ -327,7 +327,7 @@ def _encoder_q(model, x: torch.Tensor, q: Distribution | None) -> Distribution:
 @contextmanager
 def _frozen(model) -> Iterator[None]:
     """Switch off gradients for the model's parameters (only q*'s are optimised), restoring the flags afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad) for p in getattr(model, "parameters", tuple)()]  # a view without parameters: none
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -364,19 +364,18 @@ def _optimise_q(model, x, loc0, scale0, *, steps, lr, samples_per_step, bar) -> 
         return Independent(Normal(loc, positive_scale(raw, _Q_STAR_MIN_SCALE), validate_args=False), 1)
 
     optimizer = torch.optim.Adam([loc, raw], lr=lr)
-    with _frozen(model):
-        for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(step, steps, lr)
-            # examples are independent, so the sum's gradient is each example's own gradient
-            loss = -elbo(model, x, k=samples_per_step, form="kl", q=q_star()).sum()
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"ELBO of q* is not finite at optimisation step {step} of {steps}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if bar is not None:
-                bar.update(1)
+    for step in range(steps):  # under the caller's _frozen(model): only q*'s parameters get gradients
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr)
+        # examples are independent, so the sum's gradient is each example's own gradient
+        loss = -elbo(model, x, k=samples_per_step, form="kl", q=q_star()).sum()
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"ELBO of q* is not finite at optimisation step {step} of {steps}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if bar is not None:
+            bar.update(1)
     with torch.no_grad():
         return Independent(Normal(loc.detach(), positive_scale(raw.detach(), _Q_STAR_MIN_SCALE)), 1)
 
@@ -398,6 +397,7 @@ def gap_decomposition(
     progress: bool = False,
     compile: bool | None = None,
     log_px_encoder: LogMarginal | None = None,
+    context: Mapping[str, torch.Tensor] | None = None,
 ) -> GapDecomposition:
     """Split the posterior gap into approximation and amortization gaps (Cremer, Li & Duvenaud, 2018).
 
@@ -447,6 +447,7 @@ def gap_decomposition(
         log_px_encoder: an estimate already made on these ``x`` with q_enc as proposal and the same ``k`` (a
             :class:`~vaelab.estimators.LogMarginal` over all N examples, e.g. :func:`vaelab.evaluate.evaluate_model`'s),
             reported as ``log_px_encoder`` instead of drawing another: k decoder passes per example fewer.
+        context: what a model that asks for context is given, aligned with ``x`` (e.g. ``{"y": labels}``).
 
     Returns:
         a :class:`GapDecomposition`.
@@ -454,7 +455,7 @@ def gap_decomposition(
     Raises:
         ValueError: when the decomposition does not apply to q (:func:`gap_decomposition_not_applicable`).
     """
-    check_data(model, x)
+    check_data(bind(model, context), x)
     elbo_k = k if elbo_k is None else elbo_k
     for name, value in (("k", k), ("steps", steps), ("samples_per_step", samples_per_step), ("elbo_k", elbo_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -474,40 +475,39 @@ def gap_decomposition(
     def add(key: str, value: torch.Tensor) -> None:
         parts.setdefault(key, []).append(value.detach().double().cpu())
 
-    batches = math.ceil(len(x) / batch_size) if isinstance(batch_size, int) and batch_size >= 1 else 1
-    bar = _bar(progress, batches * (steps + 1), "gap decomposition (q* steps, then log p-hat)", "step")
+    count = math.ceil(len(x) / batch_size) if isinstance(batch_size, int) and batch_size >= 1 else 1
+    bar = _bar(progress, count * (steps + 1), "gap decomposition (q* steps, then log p-hat)", "step")
     used_elbo_k, start_how = elbo_k, ""
-    start = 0
-    for xb, qb in _batches(x, q, batch_size):
-        rows, start = slice(start, start + len(xb)), start + len(xb)
-        q_enc = _encoder_q(model, xb, qb)
-        reason = gap_decomposition_not_applicable(q_enc)
-        if reason is not None:
-            raise ValueError(f"gap_decomposition does not apply: {reason}")
-        loc0, scale0, start_how = start_moments(q_enc)
-        q_star = _optimise_q(model, xb, loc0, scale0, steps=steps, lr=lr, samples_per_step=samples_per_step, bar=bar)
-        mixture = EvenMixture([q_enc, q_star])
-        lp = log_marginal(model, xb, k=k, q=mixture, chunk_size=chunk_size, compile=compile)
-        if log_px_encoder is None:
-            lp_enc = log_marginal(model, xb, k=k, q=q_enc, chunk_size=chunk_size, compile=compile)
-        else:
-            lp_enc = LogMarginal(
-                **{f: getattr(log_px_encoder, f)[rows] for f in ("value", "stderr", "ess", "pareto_k")}, k=k
-            )
-        lp_star = log_marginal(model, xb, k=k, q=q_star, chunk_size=chunk_size, compile=compile)
-        elbo_enc, se_enc, used_elbo_k = _elbo_with_stderr(model, xb, q_enc, elbo_k, elbo_form)
-        elbo_star, se_star, _ = _elbo_with_stderr(model, xb, q_star, elbo_k, elbo_form)
-        for name, estimate in (("mix", lp), ("enc", lp_enc), ("star", lp_star)):
-            for field in ("value", "stderr", "ess", "pareto_k"):
-                add(f"lp_{name}_{field}", getattr(estimate, field))
-        add("elbo_enc", elbo_enc)
-        add("elbo_enc_se", se_enc)
-        add("elbo_star", elbo_star)
-        add("elbo_star_se", se_star)
-        add("loc", q_star.base_dist.loc)
-        add("scale", q_star.base_dist.scale)
-        if bar is not None:
-            bar.update(1)
+    with _frozen(model):  # only q*'s parameters receive gradients
+        for view, xb, qb, rows in _batches(model, x, q, batch_size, context):
+            q_enc = _encoder_q(view, xb, qb)
+            reason = gap_decomposition_not_applicable(q_enc)
+            if reason is not None:
+                raise ValueError(f"gap_decomposition does not apply: {reason}")
+            loc0, scale0, start_how = start_moments(q_enc)
+            q_star = _optimise_q(view, xb, loc0, scale0, steps=steps, lr=lr, samples_per_step=samples_per_step, bar=bar)
+            mixture = EvenMixture([q_enc, q_star])
+            lp = log_marginal(view, xb, k=k, q=mixture, chunk_size=chunk_size, compile=compile)
+            if log_px_encoder is None:
+                lp_enc = log_marginal(view, xb, k=k, q=q_enc, chunk_size=chunk_size, compile=compile)
+            else:
+                lp_enc = LogMarginal(
+                    **{f: getattr(log_px_encoder, f)[rows] for f in ("value", "stderr", "ess", "pareto_k")}, k=k
+                )
+            lp_star = log_marginal(view, xb, k=k, q=q_star, chunk_size=chunk_size, compile=compile)
+            elbo_enc, se_enc, used_elbo_k = _elbo_with_stderr(view, xb, q_enc, elbo_k, elbo_form)
+            elbo_star, se_star, _ = _elbo_with_stderr(view, xb, q_star, elbo_k, elbo_form)
+            for name, estimate in (("mix", lp), ("enc", lp_enc), ("star", lp_star)):
+                for field in ("value", "stderr", "ess", "pareto_k"):
+                    add(f"lp_{name}_{field}", getattr(estimate, field))
+            add("elbo_enc", elbo_enc)
+            add("elbo_enc_se", se_enc)
+            add("elbo_star", elbo_star)
+            add("elbo_star_se", se_star)
+            add("loc", q_star.base_dist.loc)
+            add("scale", q_star.base_dist.scale)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     c = {key: torch.cat(values) for key, values in parts.items()}
@@ -550,6 +550,7 @@ def elbo_form_variances(
     chunk_size: int | None = None,
     batch_size: int = 100,
     progress: bool = False,
+    context: Mapping[str, torch.Tensor] | None = None,
 ) -> ElboForms:
     """The three ELBO forms (docs/theory.md sec. 3) evaluated on the SAME k samples z ~ q, with per-sample variances.
 
@@ -561,11 +562,12 @@ def elbo_form_variances(
 
     Args:
         k: samples per example; chunk_size: samples drawn at once (default all k); q: default ``model.encode(x)``.
+        context: what a model that asks for context is given, aligned with ``x`` (e.g. ``{"y": labels}``).
 
     Returns:
         an :class:`ElboForms`.
     """
-    check_data(model, x)
+    check_data(bind(model, context), x)
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(f"k must be an integer >= 2 (a variance needs two samples), got {k!r}")
     chunk = k if chunk_size is None else chunk_size
@@ -575,8 +577,8 @@ def elbo_form_variances(
     variances: dict[str, list[torch.Tensor]] = {f: [] for f in ELBO_FORMS}
     bar = _bar(progress, len(x), f"ELBO forms (k={k})", "example")
     with torch.no_grad():
-        for xb, qb in _batches(x, q, batch_size):
-            qb = _encoder_q(model, xb, qb)
+        for view, xb, qb, _ in _batches(model, x, q, batch_size, context):
+            qb = _encoder_q(view, xb, qb)
             # running sums of (v - shift) and (v - shift)^2 in float64; shift = first chunk's mean (no cancellation)
             shift: dict[str, torch.Tensor] = {}
             s1: dict[str, torch.Tensor] = {}
@@ -584,7 +586,7 @@ def elbo_form_variances(
             done = 0
             while done < k:
                 c = min(chunk, k - done)
-                for form, v in elbo_integrands(model, xb, k=c, q=qb).items():
+                for form, v in elbo_integrands(view, xb, k=c, q=qb).items():
                     v = v.double()
                     if form not in shift:
                         shift[form] = v.mean(0)
@@ -618,22 +620,24 @@ def estimator_study(
     chunk_size: int | None = None,
     q: Distribution | None = None,
     progress: bool = False,
+    context: Mapping[str, torch.Tensor] | None = None,
 ) -> EstimatorStudy:
     """log p(x) estimated by :func:`vaelab.estimators.log_marginal` with each proposal and each k, and how reliable.
 
     ``"prior"`` is naive Monte Carlo (r = p(z)), ``"posterior"`` importance sampling with q (default the encoder).
     Memory stays flat in k: ``log_marginal`` streams the samples in chunks. Each row keeps the per-example value,
     delta-method stderr (NaN at k = 1), ESS and Pareto k-hat (NaN below k = 21, -inf for a flat tail).
+    ``context``: what a model that asks for context is given, aligned with ``x``.
     """
     ks = [int(kk) for kk in ks]
     for proposal in proposals:
         if proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
-    rows = []
+    rows, view = [], bind(model, context)  # the whole of x at once
     bar = _bar(progress, len(proposals) * sum(ks), f"estimator study ({len(x)} examples)", "sample")
     for proposal in proposals:
         for kk in ks:
-            r = log_marginal(model, x, k=kk, proposal=proposal, chunk_size=chunk_size, q=q)
+            r = log_marginal(view, x, k=kk, proposal=proposal, chunk_size=chunk_size, q=q)
             rows.append(StudyRow(proposal=proposal, k=kk, estimate=PerExample.of(r)))
             if bar is not None:
                 bar.update(kk)
@@ -653,6 +657,7 @@ def iwae_curve(
     batch_size: int = 100,
     progress: bool = False,
     compile: bool | None = None,
+    context: Mapping[str, torch.Tensor] | None = None,
 ) -> IwaeCurve:
     """IWAE_k per example for each k; non-decreasing in k and below log p(x) in expectation.
 
@@ -661,15 +666,16 @@ def iwae_curve(
     k weights. The points are nested prefixes of one draw, so they are correlated: each point's error holds on its
     own, and the difference between two points is more precise than their errors added in quadrature suggest. The
     whole curve costs max(ks) decoder passes per example (not sum(ks)). ``compile``: as for ``log_marginal``;
-    ``None``: when max(ks) x examples reaches :data:`vaelab.evaluate.AUTO_COMPILE_SAMPLES`.
+    ``None``: when max(ks) x examples reaches :data:`vaelab.evaluate.AUTO_COMPILE_SAMPLES`. ``context``: what a
+    model that asks for context is given, aligned with ``x``.
     """
     ks = [int(kk) for kk in ks]
     compile = _should_compile(compile, max(ks) * len(x))
     estimates = []
     bar = _bar(progress, len(x), f"IWAE curve (k up to {max(ks)})", "example")
-    for xb, qb in _batches(x, q, batch_size):
-        qb = _encoder_q(model, xb, qb)
-        estimates.append(log_marginal(model, xb, k=max(ks), q=qb, chunk_size=chunk_size, compile=compile, iwae_ks=ks))
+    for view, xb, qb, _ in _batches(model, x, q, batch_size, context):
+        qb = _encoder_q(view, xb, qb)
+        estimates.append(log_marginal(view, xb, k=max(ks), q=qb, chunk_size=chunk_size, compile=compile, iwae_ks=ks))
         if bar is not None:
             bar.update(len(xb))
     if bar is not None:
@@ -701,6 +707,7 @@ def diagnostics(
     batch_size: int = 100,
     progress: bool = False,
     compile: bool | None = None,
+    context: Mapping[str, torch.Tensor] | None = None,
 ) -> Diagnostics:
     """The headline evaluation on every example of ``x`` plus the slow diagnostics on the first ``examples``.
 
@@ -712,7 +719,9 @@ def diagnostics(
     nothing extra); :func:`estimator_study` runs on the first ``study_examples`` of them, with
     ``study_ks`` (default: the powers of ten up to 20 k -- 1e5 at k = 5000 -- when ``slow``, up to 1e3 otherwise).
 
-    A diagnostic that does not apply to the model is a :class:`NotApplicable` and the others still run. The model is
+    ``context`` (aligned with ``x``, e.g. ``{"y": labels}``) is what a model that asks for context is given: every
+    number is then conditional, log p(x|y). A diagnostic that does not apply to the model is a :class:`NotApplicable`
+    and the others still run. The model is
     put in eval mode and its training flag restored afterwards. ``compile`` applies to every streamed log p(x)
     estimate (``None``: compiled when k x examples reaches :data:`vaelab.evaluate.AUTO_COMPILE_SAMPLES`).
     """
@@ -720,6 +729,8 @@ def diagnostics(
         raise ValueError(f"examples must be an integer >= 1 or None, got {examples!r}")
     n = len(x) if examples is None else min(examples, len(x))
     subset = x[:n]
+    sub = None if context is None else {key: value[:n] for key, value in context.items()}
+    few = None if context is None else {key: value[:study_examples] for key, value in context.items()}
     was_training = model.training
     model.eval()
     try:
@@ -730,27 +741,30 @@ def diagnostics(
         curve_ks = [int(kk) for kk in iwae_ks]
         prefixes = curve_ks if max(curve_ks) <= k else ()
         evaluation, lp_enc = _evaluate_model(
-            model, x, k=k, batch_size=batch_size, progress=progress, compile=compile, prefixes=prefixes
-        )
+            model, x, k=k, batch_size=batch_size, progress=progress, compile=compile, prefixes=prefixes,
+            context=context,
+        )  # fmt: skip
         lp_subset = _rows(lp_enc, slice(0, n))
         with torch.no_grad():
-            reason = gap_decomposition_not_applicable(model.encode(subset[:1]))
+            reason = gap_decomposition_not_applicable(bind(model, context, slice(0, 1)).encode(subset[:1]))
         if reason is None:
             gaps = gap_decomposition(
                 model, subset, k=k, steps=steps, lr=lr, elbo_k=elbo_k, batch_size=batch_size, progress=progress,
-                compile=compile, log_px_encoder=lp_subset,
+                compile=compile, log_px_encoder=lp_subset, context=sub,
             )  # fmt: skip
         else:
             gaps = NotApplicable(reason)
-        forms = elbo_form_variances(model, subset, k=form_k, batch_size=batch_size, progress=progress)
+        forms = elbo_form_variances(model, subset, k=form_k, batch_size=batch_size, progress=progress, context=sub)
         if prefixes:
             curve = _curve(lp_subset, curve_ks)
         else:
-            curve = iwae_curve(model, subset, ks=curve_ks, batch_size=batch_size, progress=progress, compile=compile)
+            curve = iwae_curve(
+                model, subset, ks=curve_ks, batch_size=batch_size, progress=progress, compile=compile, context=sub
+            )
         if study_ks is None:
             top = math.floor(math.log10(20 * k)) if slow else 3  # 10^top samples at most
             study_ks = tuple(10**i for i in range(top + 1))
-        study = estimator_study(model, subset[:study_examples], ks=study_ks, progress=progress)
+        study = estimator_study(model, subset[:study_examples], ks=study_ks, progress=progress, context=few)
     finally:
         model.train(was_training)
     return Diagnostics(

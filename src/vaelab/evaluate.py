@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from vaelab.estimators import ELBO_FORMS, LogMarginal, elbo_integrands, latent_dim, log_marginal, pareto_k_threshold
+from vaelab.models import bind
 from vaelab.posteriors import distribution_mean, is_factorised_gaussian, kl_per_dimension
 from vaelab.progress import progress_bar
 
@@ -32,24 +33,41 @@ def summarize(values: torch.Tensor) -> dict[str, float]:
     return {"mean": values.mean().item(), "sem": sem}
 
 
-def latent_usage(model, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, Any]:
-    """Active units and KL(q || p(z)) per latent dimension, averaged over ``x``.
+def batches(
+    model, x: torch.Tensor, batch_size: int, context: Mapping[str, torch.Tensor] | None = None
+) -> Iterator[tuple[Any, torch.Tensor, slice]]:
+    """``(view, x[rows], rows)`` for consecutive batches of ``x``: the view is :func:`vaelab.models.bind`'s, the model
+    given the context of those rows where it asks for context (e.g. the labels ``{"y": y}``, aligned with ``x``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    for key, value in (context or {}).items():
+        if len(value) != len(x):
+            raise ValueError(f"context {key!r} has {len(value)} rows but x has {len(x)}: they must be aligned")
+    for start in range(0, len(x), batch_size):
+        rows = slice(start, min(start + batch_size, len(x)))
+        yield bind(model, context, rows), x[rows], rows
+
+
+def latent_usage(
+    model, x: torch.Tensor, *, batch_size: int = 500, context: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Active units and KL(q || p(z)) per latent dimension, averaged over ``x`` (given ``context``, for a model that
+    asks for it: see :func:`batches`).
 
     A unit is active when the variance over the data of its posterior mean, Cov_x(E_q[z_j]), exceeds 0.01
     (Burda et al., 2016). The KL per dimension needs a factorised q and prior (diagonal Gaussians); otherwise ``None``.
     """
     means, kls = [], []
-    prior = model.prior
     with torch.no_grad():
-        for batch in x.split(batch_size):
-            q = model.encode(batch)
+        for view, batch, _ in batches(model, x, batch_size, context):
+            q, prior = view.encode(batch), view.prior
             means.append(distribution_mean(q))
             if is_factorised_gaussian(q) and is_factorised_gaussian(prior):
                 kls.append(kl_per_dimension(q, prior))  # [B, d]
     variance = torch.cat(means).double().var(0)
     result: dict[str, Any] = {
         "active_units": int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
-        "latent_dim": latent_dim(model),
+        "latent_dim": latent_dim(bind(model, context, slice(0, 1))),
         "posterior_mean_variance": variance.cpu().tolist(),
         "kl_per_dim": None,
     }
@@ -84,8 +102,11 @@ def evaluate_model(
     batch_size: int = 100,
     progress: bool = True,
     compile: bool | None = None,
+    context: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """The standard evaluation of a model on ``x`` (``[N, *data_shape]``, on the model's device).
+    """The standard evaluation of a model on ``x`` (``[N, *data_shape]``, on the model's device), given ``context``
+    (e.g. ``{"y": labels}``, aligned with ``x``) for a model that asks for it: then every number is conditional,
+    log p(x|y) and its bounds.
 
     Returns a JSON-ready dict: ``elbo`` (each form, from the same ``elbo_k`` samples per example), ``iwae`` (bound
     per k; for k up to log p(x)'s, from the first k of its samples: nested estimates of one draw, no extra decoder
@@ -97,12 +118,13 @@ def evaluate_model(
     long enough to repay the compilation, k x examples >= :data:`AUTO_COMPILE_SAMPLES`.
     """
     return _evaluate_model(
-        model, x, k=k, iwae_ks=iwae_ks, elbo_k=elbo_k, batch_size=batch_size, progress=progress, compile=compile
-    )[0]
+        model, x, k=k, iwae_ks=iwae_ks, elbo_k=elbo_k, batch_size=batch_size, progress=progress, compile=compile,
+        context=context,
+    )[0]  # fmt: skip
 
 
 def _evaluate_model(
-    model, x, *, k, batch_size, progress, compile, iwae_ks=EVAL_IWAE_KS, elbo_k=EVAL_ELBO_K, prefixes=()
+    model, x, *, k, batch_size, progress, compile, iwae_ks=EVAL_IWAE_KS, elbo_k=EVAL_ELBO_K, prefixes=(), context=None
 ) -> tuple[dict, LogMarginal]:
     """:func:`evaluate_model`, and its per-example log p(x) estimate ``[N]`` (for :func:`diagnostics` to reuse), whose
     ``iwae`` / ``iwae_stderr`` also hold the bounds of the first j samples for every j <= k of ``prefixes``."""
@@ -116,18 +138,17 @@ def _evaluate_model(
         per_example.setdefault(key, []).append(value.detach().cpu())
 
     ladder = sorted({kk for kk in [*iwae_ks, *prefixes] if kk <= k})
-    batches = x.split(batch_size)
     bar = progress_bar(len(x), f"ELBO, IWAE bounds and log p(x) (k={k})", "example", enabled=progress)
     model.eval()
     with torch.inference_mode():
-        for batch in batches:
-            for form, integrand in elbo_integrands(model, batch, k=elbo_k).items():  # the three forms, one draw
+        for view, batch, _ in batches(model, x, batch_size, context):
+            for form, integrand in elbo_integrands(view, batch, k=elbo_k).items():  # the three forms, one draw
                 add(f"elbo_{form}", integrand.mean(0))
             # IWAE_kk for kk <= k: the first kk of log p(x)'s own samples (one stream of log-weights for all of them)
-            estimates.append(log_marginal(model, batch, k=k, compile=compile, iwae_ks=ladder))
+            estimates.append(log_marginal(view, batch, k=k, compile=compile, iwae_ks=ladder))
             for kk in iwae_ks:
                 if kk > k:
-                    add(f"iwae_{kk}", log_marginal(model, batch, k=kk, compile=compile).value)
+                    add(f"iwae_{kk}", log_marginal(view, batch, k=kk, compile=compile).value)
             if bar is not None:
                 bar.update(len(batch))
     if bar is not None:
@@ -151,7 +172,7 @@ def _evaluate_model(
         },
         "posterior_gap": summarize(estimate.value - cat["elbo_kl"]),
     }
-    result.update(latent_usage(model, x))
+    result.update(latent_usage(model, x, context=context))
     return result, estimate
 
 
@@ -215,17 +236,22 @@ def final_beta(config) -> float | None:
 
 
 def compare_latent_usage(
-    runs: Sequence[tuple[str, Any, torch.Tensor]], *, k: int = 1000, compile: bool | None = None
+    runs: Sequence[tuple[str, Any, torch.Tensor] | tuple[str, Any, torch.Tensor, Mapping[str, torch.Tensor] | None]],
+    *,
+    k: int = 1000,
+    compile: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """How latent usage moves across runs (e.g. a beta sweep): one row per ``(name, run, x)``, sorted by final beta.
+    """How latent usage moves across runs (e.g. a beta sweep): one row per ``(name, run, x)`` (or ``(name, run, x,
+    context)`` for a model given context), sorted by final beta.
 
     Each row: ``beta`` (final), ``schedule``, ``active_units``, ``latent_dim``, ``kl_total`` (sum of KL per dimension,
     nats), ``kl_per_dim``, ``elbo`` and ``log_px`` (k importance samples; mean and sem over ``x``). ``compile`` as
     in :func:`evaluate_model`.
     """
     rows = []
-    for name, run, x in runs:
-        result = evaluate_model(run.model, x, k=k, iwae_ks=(), elbo_k=1, progress=False, compile=compile)
+    for name, run, x, *context in runs:
+        given = context[0] if context else None
+        result = evaluate_model(run.model, x, k=k, iwae_ks=(), elbo_k=1, progress=False, compile=compile, context=given)
         kl = result["kl_per_dim"]
         rows.append(
             {

@@ -16,6 +16,10 @@ To train a model from a :class:`~vaelab.config.TrainConfig` (``model="name"``), 
 :func:`register_model`: the class then builds itself with ``from_config(config, data_shape)`` and may refuse a
 config it cannot honour with ``check_config(config)`` (called when the config is built). :func:`vaelab.train.train`
 also takes a model built by hand (``model=...``).
+
+A model of p(x, z | c) names the batch fields it conditions on in ``context`` (e.g. ``("y",)``) and returns, from
+``given(y=...)``, a view with the interface above; :func:`bind` makes that view for a batch, so the estimators never
+see the context.
 """
 
 from __future__ import annotations
@@ -87,6 +91,27 @@ def refuse_unused(config: TrainConfig, model: str, unused: Mapping[str, str]) ->
                 f"the {model!r} model does not use {name} ({why}); got {name}={value!r}: leave it at its default "
                 f"{defaults[name]!r}"
             )
+
+
+def bind(model, context: Mapping[str, torch.Tensor] | None = None, rows: slice = slice(None)):
+    """The model as the estimators see it on the examples ``rows``: ``model.given(**{key: context[key][rows]})``
+    for a model that asks for context (its ``context``, e.g. ``("y",)``: p(x, z | y)), else the model itself.
+
+    Every estimator, objective and diagnostic takes the bound view unchanged: the view has the same ``prior`` /
+    ``encode`` / ``decode`` interface, with a prior of batch ``[B]`` (one per example) where the context sets it.
+
+    Raises ValueError, naming the missing keys, when the model asks for context that ``context`` does not hold.
+    """
+    keys = tuple(getattr(model, "context", ()))
+    if not keys:
+        return model
+    missing = [key for key in keys if context is None or key not in context]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} asks for context {', '.join(keys)} (model.context), but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not given: pass context={{{missing[0]!r}: ...}}"
+        )
+    return model.given(**{key: context[key][rows] for key in keys})
 
 
 @register_model("vae")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from matplotlib.patches import Patch
 from torch.distributions import Normal
 
 from vaelab.estimators import latent_dim
+from vaelab.models import bind
 from vaelab.posteriors import distribution_mean
 
 
@@ -509,8 +510,13 @@ def draw_pictures(
     labels: torch.Tensor | None = None,
     metrics: Sequence[dict[str, Any]] = (),
     diagnostics: dict[str, Any] | None = None,
+    context: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Path]:
     """Every picture that applies to this model, as PNGs in ``out_dir``: ``{name: path}`` in reading order.
+
+    A model that asks for context (given ``context``, aligned with ``x``) is shown given each example's: its
+    reconstructions; the pictures that draw from one prior p(z) (samples, traversals, the manifold, the latent
+    scatter) are left out.
 
     ``x`` (``[N, *data_shape]``) and ``labels`` (``[N]``) are the evaluation examples; ``metrics`` the run's
     ``metrics.jsonl`` lines; ``diagnostics`` the result of :func:`vaelab.evaluate.evaluate_model` (or of
@@ -521,14 +527,18 @@ def draw_pictures(
     out_dir = Path(out_dir)
     diagnostics = diagnostics or {}
     figures: dict[str, Any] = {}
-    if shows_as_images(x.shape[1:]):  # pictures of examples; other data (vectors, say) get the rest
-        figures["reconstructions"] = lambda: reconstructions_figure(model, x[:12])
+    conditional = bool(getattr(model, "context", ()))
+    images = shows_as_images(x.shape[1:])  # pictures of examples; other data (vectors, say) get the rest
+    if images:
+        figures["reconstructions"] = lambda: reconstructions_figure(bind(model, context, slice(0, 12)), x[:12])
+    if images and not conditional:
         figures["samples"] = lambda: samples_figure(model, 64)
         variance = diagnostics.get("posterior_mean_variance")
         figures["traversals"] = lambda: traversal_figure(model, x, variance=variance)
         if latent_dim(model) == 2:
             figures["manifold"] = lambda: manifold_figure(model)
-    figures["latents"] = lambda: latent_scatter_figure(model, x, labels)
+    if not conditional:
+        figures["latents"] = lambda: latent_scatter_figure(model, x, labels)
     if metrics:
         figures["training_curves"] = lambda: training_curves_figure(metrics)
     if diagnostics.get("kl_per_dim"):

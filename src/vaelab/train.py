@@ -57,6 +57,7 @@ from vaelab.data import Data, aligned_fields, as_float, binarize_fixed, binarize
 from vaelab.distributed import all_ranks, init_distributed, mean_over_ranks
 from vaelab.estimators import check_values, data_support, elbo_parts, log_marginal, trusted_data
 from vaelab.likelihoods import LIKELIHOODS
+from vaelab.models import bind
 from vaelab.nets import init_decoder_bias
 from vaelab.objectives import OBJECTIVES
 from vaelab.optimizers import make_optimizer
@@ -153,12 +154,16 @@ class Trainer:
         built = model is None
         self.model = (build_model(config, self.data_shape) if built else model).to(self.device)
         self.context = tuple(getattr(self.model, "context", ()))
+        # the batch fields the model reads: x, what it is given (context) and what it predicts (targets, e.g. a
+        # classifier's labels); other fields of the data stay unread
+        self.fields = tuple(dict.fromkeys(("x", *self.context, *getattr(self.model, "targets", ()))))
         for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data)):
-            missing = [key for key in self.context if data is not None and key not in data]
+            missing = [key for key in self.fields if data is not None and key not in data]
             if missing:
-                raise ValueError(f"the model asks for context {', '.join(missing)}, which {name} does not hold")
+                raise ValueError(f"the model reads {', '.join(missing)}, which {name} does not hold")
         # Values are checked once here, not on every batch (the steps then run inside estimators.trusted_data()).
-        support, support_name = data_support(self.model, as_float(self.train_data["x"][:1]).to(self.device)), None
+        first = {key: self.train_data[key][:1].to(self.device) for key in self.fields}
+        support, support_name = data_support(bind(self.model, first), as_float(first["x"])), None
         if config.binarizes:
             support, support_name = constraints.unit_interval, "[0, 1] (it is binarized at every step)"
         for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data)):
@@ -228,19 +233,28 @@ class Trainer:
         idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's
         # x and the context the model asks for (other fields stay unread); index_select: the rows data[idx], faster;
         # .to: a no-op but for a memory-mapped source (data.MappedRows), read on the host
-        batch = {key: self.train_data[key].index_select(0, idx).to(self.device) for key in ("x", *self.context)}
+        batch = {key: self.train_data[key].index_select(0, idx).to(self.device) for key in self.fields}
         batch["x"] = as_float(batch["x"])  # 8-bit data become float here, unbinarized
         return batch
 
     def bind(self, batch: Mapping[str, torch.Tensor]) -> nn.Module:
         """The model the objectives see: ``model.given(**context)`` if the model asks for context, else the model."""
-        return self.model.given(**{key: batch[key] for key in self.context}) if self.context else self.model
+        return bind(self.model, batch)
 
     def objective_outputs(self, batch, sched: dict[str, Any], bits: torch.Tensor | None = None):
         """The objective on a batch: loss, elbo, recon, kl (what the compiled steps compile). With ``bits``
-        (:func:`vaelab.data.random_bits`), ``x`` is binarized first: compiled, in the same fused pass."""
+        (:func:`vaelab.data.random_bits`), ``x`` is binarized first: compiled, in the same fused pass.
+
+        A model with its own training rule (``model.training_objective(batch, objective, **options)``, e.g. a
+        classifier or a semi-supervised model that sums the objective over the classes) gets the whole batch and
+        the config's objective; every other model is trained on ``objective(bind(model, batch), x, ...)``."""
         x = batch["x"] if bits is None else binarize_with_bits(batch["x"], bits)
-        out = self.objective(self.bind(batch), x, k=self.config.k, **sched, **self.objective_options)
+        options = dict(k=self.config.k, **sched, **self.objective_options)
+        own = getattr(self.model, "training_objective", None)
+        if own is not None:
+            out = own({**batch, "x": x}, self.objective, **options)
+        else:
+            out = self.objective(self.bind(batch), x, **options)
         return out.loss, out.elbo, out.recon, out.kl
 
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -265,11 +279,11 @@ class Trainer:
         if data is None:
             return {}
         n = len(data["x"]) if self.config.eval_examples is None else min(len(data["x"]), self.config.eval_examples)
-        data = {key: value[:n].to(self.device) for key, value in data.items()}
+        data = {key: data[key][:n].to(self.device) for key in self.fields}
         data["x"] = as_float(data["x"])
         if self.config.binarizes:  # one fixed binarization of the evaluation set, the same at every evaluation
             data["x"] = binarize_fixed(data["x"], seed=self.config.seed + 7919)
-        elbos, iwaes = [], []
+        scores: dict[str, list[torch.Tensor]] = {}
         start = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), trusted_data():  # RNG of training untouched
@@ -277,19 +291,32 @@ class Trainer:
             self.model.eval()
             for begin in range(0, n, self.batch_size):
                 batch = {key: value[begin : begin + self.batch_size] for key, value in data.items()}
-                model, x = self.bind(batch), batch["x"]
-                elbos.append(elbo_parts(model, x, k=1, form=self.config.form).elbo)
-                # compiled too once the step has compiled (a working compiler): ~1.4x faster per sample
-                iwaes.append(log_marginal(model, x, k=self.config.eval_k, compile=self.take_step.compiled).value)
+                for key, value in self.validation_scores(batch).items():
+                    scores.setdefault(key, []).append(value)
             self.model.train()
         return {
             "split": split,
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
-            "elbo": torch.cat(elbos).mean().item(),
-            f"iwae_{self.config.eval_k}": torch.cat(iwaes).mean().item(),
+            **{key: torch.cat(values).double().mean().item() for key, values in scores.items()},
             "examples": n,
             "seconds": time.perf_counter() - start,  # after the .item() calls above: the work is done, also on a GPU
+        }
+
+    def validation_scores(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-example validation numbers on a batch, ``[B]`` each: ``elbo`` (1 sample, the config's form; the best
+        checkpoint is the one with the highest mean) and the IWAE bound ``iwae_<eval_k>``. A model with its own
+        (``model.validation_scores(batch, k=eval_k, form=...)``, e.g. a classifier's log p(y|x) as ``elbo`` and its
+        accuracy) gives those instead."""
+        k, form = self.config.eval_k, self.config.form
+        own = getattr(self.model, "validation_scores", None)
+        if own is not None:
+            return own(batch, k=k, form=form)
+        model, x = self.bind(batch), batch["x"]
+        return {
+            "elbo": elbo_parts(model, x, k=1, form=form).elbo,
+            # compiled too once the step has compiled (a working compiler): ~1.4x faster per sample
+            f"iwae_{k}": log_marginal(model, x, k=k, compile=self.take_step.compiled).value,
         }
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -342,7 +369,7 @@ class Trainer:
                     if result:
                         self.last_eval = result
                         log.write(result)
-                        if not self.context:  # a model given context has a prior per example: no samples drawn
+                        if self.fields == ("x",):  # a model given context has a prior per example: no samples drawn
                             x = (self.valid_data or self.train_data)["x"][:8].to(self.device)
                             log.pictures(self.model, x, self.config.seed, self.step)
                         if result["elbo"] > self.best_elbo:
