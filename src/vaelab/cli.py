@@ -577,13 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vaelab._malloc import keep_freed_memory
+    from vaelab.runs import RunInUse
     from vaelab.train import TrainingDiverged
 
     keep_freed_memory()  # the command line opts in to glibc keeping freed memory (vaelab._malloc): eager log p(x)
 
     try:
         return args.func(args)
-    except (UserError, ValueError, FileNotFoundError, PermissionError, TrainingDiverged) as err:
+    except (UserError, ValueError, FileNotFoundError, PermissionError, TrainingDiverged, RunInUse) as err:
         if args.debug:
             raise
         print(f"vaelab {args.command}: error: {err}", file=sys.stderr)

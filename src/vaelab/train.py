@@ -60,7 +60,15 @@ from vaelab.likelihoods import LIKELIHOODS
 from vaelab.nets import init_decoder_bias
 from vaelab.objectives import OBJECTIVES
 from vaelab.optimizers import make_optimizer
-from vaelab.runs import Run, latest_checkpoint, load_run, resume_checkpoint, truncate_metrics
+from vaelab.runs import (
+    Run,
+    RunLock,
+    check_weights,
+    latest_checkpoint,
+    load_run,
+    resume_checkpoint,
+    truncate_metrics,
+)
 from vaelab.schedules import make_schedule
 from vaelab.steps import TrainingDiverged, make_step
 
@@ -97,7 +105,8 @@ class Trainer:
         train_data: ``x [N, *data_shape]`` (float in [0, 1] or the like, or uint8 0-255, converted per batch), or a
             dict of tensors aligned with it (``{"x": x, "y": labels}``): batches take the same rows of each.
         valid_data: the same for validation, or ``None``.
-        run_dir: where config, metrics, TensorBoard logs, checkpoints and final weights go.
+        run_dir: where config, metrics, TensorBoard logs, checkpoints and final weights go. Locked from here until
+            ``fit()`` ends (:class:`~vaelab.runs.RunLock`): a second Trainer on it raises ``RunInUse``.
         resume: continue from the run directory's latest checkpoint (its saved config wins).
         model: a model built by hand (the :mod:`vaelab.models` interface); None: ``build_model(config, data_shape)``.
             Its weights are used as given (no decoder-bias initialisation); :func:`~vaelab.runs.load_run` can rebuild
@@ -118,9 +127,21 @@ class Trainer:
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # One writer per run directory: the lock comes before anything there is read, written or removed, and is
+        # held until fit() ends (rank 0 only, the one rank that writes)
+        self._lock = RunLock(self.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+        try:
+            self._setup(config, train_data, valid_data, resume=resume, model=model)
+        except BaseException:
+            self._release()
+            raise
+
+    def _setup(
+        self, config: TrainConfig, train_data: Data, valid_data: Data | None, *, resume: bool, model: nn.Module | None
+    ) -> None:
         # What a killed save left (.step_N.tmp, .best.old) is no checkpoint: cleared first, so that a crash during
         # the first save never leaves a directory that can neither resume nor start afresh
-        if int(os.environ.get("RANK", "0")) == 0:
+        if self._lock is not None:
             remove_leftovers(self.ckpt_dir)
         found = resume_checkpoint(self.run_dir) if resume else None
         if resume and found is None:
@@ -191,11 +212,20 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from, loaded)
 
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
     # --- state ---------------------------------------------------------------------------------------------------
     def _restore(self, directory: Path, loaded: tuple[dict, dict, dict]) -> None:
-        weights, tensors, meta = loaded  # load_checkpoint(directory), read once by resume_checkpoint
+        weights, tensors, meta = loaded  # load_run_checkpoint(directory), read once by resume_checkpoint
+        check_weights(self.model, weights, directory / "model.safetensors")
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
-        restore_optimizer(self.optimizer, tensors, meta)
+        try:
+            restore_optimizer(self.optimizer, tensors, meta)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:  # torch's own message, on its own line
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{directory / 'state.json'}: the optimizer state does not fit ({reason})") from None
         set_rng_state(tensors)
         self.step, self.last_eval = meta["step"], meta.get("last_eval")
         self.best_elbo = meta.get("best_elbo", -math.inf)
@@ -365,6 +395,7 @@ class Trainer:
             bar.close()
             log.close()
             restore_signal_handlers(previous)
+            self._release()
         if self.world > 1:  # rank 0 was still writing files: no rank tears its connections down before the others
             dist.barrier()
             if self._owns_group:
