@@ -500,3 +500,15 @@ def test_a_finished_or_failed_train_leaves_no_lock_file(tmp_path):
     proc = vaelab("train", "--dataset", tiny_npy(tmp_path / "two.npy", 2), *TINY_TRAIN_FLAGS, "--out", tmp_path / "x")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback():
+    # importing torch takes seconds (~1.8 s here): a SIGINT 0.4 s after the start comes in the middle of it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaelab", "train", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "vaelab: interrupted\n", err[-3000:]
+    assert "usage" not in out  # stopped before the help was printed: the signal did come during the imports

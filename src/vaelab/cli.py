@@ -575,10 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from vaelab._malloc import keep_freed_memory
-    from vaelab.runs import RunInUse
-    from vaelab.train import TrainingDiverged
+    try:  # building the parser and the imports below load torch: seconds, and Ctrl-C then is no error to trace
+        args = build_parser().parse_args(argv)
+        from vaelab._malloc import keep_freed_memory
+        from vaelab.runs import RunInUse
+        from vaelab.train import TrainingDiverged
+    except KeyboardInterrupt:
+        print("vaelab: interrupted", file=sys.stderr)
+        return 130
 
     keep_freed_memory()  # the command line opts in to glibc keeping freed memory (vaelab._malloc): eager log p(x)
 
