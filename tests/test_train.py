@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,27 @@ def test_metrics_after_resume_have_no_duplicated_steps(tmp_path):
     resumed = read_metrics(tmp_path)
     keys = [(line["split"], line["step"]) for line in resumed]
     assert len(keys) == len(set(keys))
+    assert [without_timings(line) for line in resumed] == [without_timings(line) for line in reference]
+
+
+def test_the_first_train_line_after_a_resume_averages_the_steps_before_it_too(tmp_path):
+    """Checkpoints at steps that are not multiples of log_every: the line after a resume averages the steps since the
+    last line, before and after the checkpoint (the running sums travel in it), as the uninterrupted run's did."""
+    config = small_config(max_steps=40, log_every=15, eval_every=20, checkpoint_every=10)
+    train(config, TRAIN, VALID, tmp_path)
+    reference = read_metrics(tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"  # as if killed right after the step-20 checkpoint
+    for name in ("step_00000030", "step_00000040"):
+        shutil.rmtree(ckpt_dir / name)
+    (ckpt_dir / "latest.json").write_text(json.dumps({"checkpoint": "step_00000020"}))
+    (tmp_path / "model.safetensors").unlink()
+    assert train(config, TRAIN, VALID, tmp_path, resume=True).step == 40
+    resumed = read_metrics(tmp_path)
+    assert [(line["split"], line["step"]) for line in lines(tmp_path, "train")] == [
+        ("train", 15),
+        ("train", 30),
+        ("train", 40),
+    ]
     assert [without_timings(line) for line in resumed] == [without_timings(line) for line in reference]
 
 

@@ -207,6 +207,10 @@ class Trainer:
             self.compiles = self.total_steps * self.batch_size >= AUTO_COMPILE_SAMPLES
         self.take_step = make_step(self)  # (batch, sched, lr) -> stats: eager, compiled objective, or whole step
         self.step, self.best_elbo, self.last_eval = 0, -math.inf, None
+        # the train statistics summed over the steps since the last train metric line (saved with checkpoints, so
+        # that the first line after a resume averages the same steps as an uninterrupted run's)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
         self._stop: str | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
         if resume_from is not None:
@@ -229,6 +233,9 @@ class Trainer:
         set_rng_state(tensors)
         self.step, self.last_eval = meta["step"], meta.get("last_eval")
         self.best_elbo = meta.get("best_elbo", -math.inf)
+        sums = meta.get("log_sums", {})  # absent from checkpoints written before they were saved: lines restart
+        self._sums = {k: torch.tensor(v, dtype=getattr(torch, d), device=self.device) for k, (v, d) in sums.items()}
+        self._count = meta.get("log_count", 0)
         truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
 
@@ -241,6 +248,9 @@ class Trainer:
             "best_elbo": self.best_elbo,
             "last_eval": self.last_eval,
             "data_shape": list(self.data_shape),
+            # exact: a float32 or bfloat16 value is a JSON (double) number without rounding
+            "log_sums": {k: [v.tolist(), str(v.dtype).removeprefix("torch.")] for k, v in self._sums.items()},
+            "log_count": self._count,
         }
         save_checkpoint(directory, model=self.model, optimizer=self.optimizer, meta=meta)
         if name is None:
@@ -336,25 +346,25 @@ class Trainer:
         log = RunLog(self.run_dir, append=self.step > 0, enabled=self.rank == 0)
         previous = install_signal_handlers(self._request_stop)
         bar = progress_bar(self.total_steps, self.step, enabled=self.config.progress and self.rank == 0)
-        sums: dict[str, torch.Tensor] = {}
-        count, tick = 0, time.perf_counter()
+        timed, tick = 0, time.perf_counter()  # steps since tick, for samples_per_sec
         try:
             while self.step < self.total_steps and self._stop is None:
                 for key, value in self.train_step().items():
-                    sums[key] = sums.get(key, 0) + value
-                count += 1
+                    self._sums[key] = self._sums.get(key, 0) + value
+                self._count += 1
+                timed += 1
                 bar.update(1)
                 if self.world > 1 and not all_ranks(self._stop is None, self.world, self.device):
                     self._stop = self._stop or "a signal on another rank"
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
-                    means = mean_over_ranks([v / count for v in sums.values()], self.world, self.device)
-                    line = dict(zip(sums, means, strict=True))
+                    means = mean_over_ranks([v / self._count for v in self._sums.values()], self.world, self.device)
+                    line = dict(zip(self._sums, means, strict=True))
                     line.update(
                         split="train",
                         step=self.step,
                         epoch=self.step / self.steps_per_epoch,
                         lr=self.config.lr * LR_DECAYS[self.config.lr_decay](self.step - 1, self.total_steps),
-                        samples_per_sec=count * self.batch_size / max(time.perf_counter() - tick, 1e-9),
+                        samples_per_sec=timed * self.batch_size / max(time.perf_counter() - tick, 1e-9),
                         **self.schedule.objective_kwargs(self.step - 1),
                     )
                     line.setdefault("beta", 1.0)
@@ -365,7 +375,7 @@ class Trainer:
                         beta=f"{line['beta']:.3g}",
                         sps=f"{line['samples_per_sec']:.0f}",
                     )
-                    sums, count, tick = {}, 0, time.perf_counter()
+                    self._sums, self._count, timed, tick = {}, 0, 0, time.perf_counter()
                 paused = time.perf_counter()
                 if self.rank == 0 and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                     result = self.evaluate()
