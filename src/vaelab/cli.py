@@ -158,6 +158,8 @@ def resolve_config(args: argparse.Namespace):
             raise UserError(f"config file {args.config} not found") from err
         except tomllib.TOMLDecodeError as err:
             raise UserError(f"config file {args.config} is not valid TOML: {err}") from err
+        except OSError as err:  # a folder, unreadable, ...
+            raise UserError(f"config file {args.config} cannot be read ({err.strerror or err})") from err
         preset = from_file.pop("preset", None)
         if preset is not None:
             if preset not in PRESETS:

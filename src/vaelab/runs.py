@@ -205,9 +205,9 @@ def load_run(run_dir: str | Path, *, which: str = "final", device: str | torch.d
         raise CheckpointError(f"{run_dir} is not a vaelab run directory: config.json is missing")
     try:
         config = TrainConfig.from_saved(json.loads(config_path.read_text()), config_path)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
-    except (ValueError, UnicodeDecodeError) as err:
+    except ValueError as err:  # from_saved's message names the file
         raise CheckpointError(str(err)) from None
     step = None
     if which == "final" and (run_dir / "model.safetensors").is_file():
