@@ -384,3 +384,24 @@ def test_eval_of_nan_weights_is_a_one_line_error_not_nan_numbers(finished_run, t
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("vaelab eval: error: ") and "NaN or inf" in done.stderr
     assert not (run_dir / "eval_test.json").exists()
+
+
+# --- one writer per run directory -------------------------------------------------------------------------------------
+def test_run_lock_admits_one_holder_and_leaves_nothing_behind(tmp_path):
+    import os
+
+    from vaelab.runs import RunInUse, RunLock
+
+    run_dir = tmp_path / "run"
+    held = RunLock(run_dir)  # creates the directory
+    assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(RunInUse, match=rf"{run_dir} is in use by another process \(pid {os.getpid()}\)"):
+        RunLock(run_dir)  # flock is per open file: refused in the same process too
+    held.release()
+    assert not run_dir.exists()  # taking the lock created it, nothing else was written: removed with the lock
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text("12345\n")  # left by a killed holder: no lock on it, so it does not block
+    again = RunLock(run_dir)
+    (run_dir / "config.json").write_text("{}")
+    again.release()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]

@@ -432,3 +432,83 @@ def test_eval_help_states_the_cost():
     proc = vaelab("eval", "--help", check=True)
     assert "--diagnostics-examples N" in proc.stdout and "(default: 500)" in proc.stdout
     assert "minutes" in proc.stdout
+
+
+# --- one writer per run directory -------------------------------------------------------------------------------------
+def wait_for(ready, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def lock_holder(run: Path) -> str | None:
+    try:
+        return (run / ".lock").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def test_a_second_writer_is_refused_in_one_line_and_a_killed_writers_lock_does_not_block(tmp_path):
+    from tiny import TINY_TRAIN_FLAGS, tiny_npy
+
+    data, run = tiny_npy(tmp_path / "tiny.npy"), tmp_path / "run"
+    train = ["train", "--dataset", data, *TINY_TRAIN_FLAGS, "--out", run]
+    command = [sys.executable, "-m", "vaelab", *map(str, train)]
+    first = subprocess.Popen(
+        [*command, "--epochs", "1000000", "--checkpoint-every", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: list((run / "checkpoints").glob("step_*")), first, "the first checkpoint")
+        assert lock_holder(run) == str(first.pid)
+        for extra in ([], ["--resume"], ["--seed", "1"]):  # a fresh start, a resume, another config: all refused
+            proc = vaelab(*train, *extra, timeout=120)
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            line = proc.stderr.strip().splitlines()[-1]
+            assert line == (
+                f"vaelab train: error: {run} is in use by another process (pid {first.pid}): one writer per run "
+                "directory; wait for it to end or stop it"
+            ), line
+            assert "Traceback" not in proc.stderr
+        assert first.poll() is None  # the first run was not disturbed
+        config = (run / "config.json").read_text()
+    finally:
+        first.kill()  # SIGKILL: its .lock file stays, its lock goes with the process
+        first.communicate(timeout=60)
+    assert lock_holder(run) == str(first.pid) and json.loads(config)["seed"] == 0
+
+    resumed = subprocess.Popen([*command, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: lock_holder(run) == str(resumed.pid), resumed, "the resumed run to take the lock")
+    resumed.send_signal(signal.SIGINT)  # it runs: stop it cleanly
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 130, err[-3000:]
+    assert "resumed from" in err and "Traceback" not in err
+    assert not (run / ".lock").exists()  # released and removed on the way out
+
+
+def test_a_finished_or_failed_train_leaves_no_lock_file(tmp_path):
+    from tiny import TINY_TRAIN_FLAGS, tiny_npy
+
+    data = tiny_npy(tmp_path / "tiny.npy")
+    vaelab("train", "--dataset", data, *TINY_TRAIN_FLAGS, "--max-steps", "5", "--out", tmp_path / "run", check=True)
+    assert (tmp_path / "run" / "model.safetensors").is_file() and not (tmp_path / "run" / ".lock").exists()
+    # refused by the Trainer after the lock was taken (2 examples, batch 20, validation 40): no directory is left
+    proc = vaelab("train", "--dataset", tiny_npy(tmp_path / "two.npy", 2), *TINY_TRAIN_FLAGS, "--out", tmp_path / "x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback():
+    # importing torch takes seconds (~1.8 s here): a SIGINT 0.4 s after the start comes in the middle of it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaelab", "train", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "vaelab: interrupted\n", err[-3000:]
+    assert "usage" not in out  # stopped before the help was printed: the signal did come during the imports

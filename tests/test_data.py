@@ -456,6 +456,42 @@ def test_trailing_bytes_after_idx(tmp_path):
         read_idx(path)
 
 
+def test_a_gzip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    # an IDX header declaring 10 images of 28x28 (7,856 bytes), then 256 MiB of zeros: ~256 KiB gzipped
+    import tracemalloc
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [packer.compress(bytes([0, 0, 8, 3]) + np.array([10, 28, 28], dtype=">u4").tobytes())]
+    zeros = bytes(1 << 20)
+    parts += [packer.compress(zeros) for _ in range(256)] + [packer.flush()]
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(b"".join(parts))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"inflates to more than the 7856 bytes its header declares"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak  # refused after one 1 MiB piece, not after 256 MiB
+
+
+def test_a_decompression_bomb_png_is_a_one_line_data_error(tmp_path):
+    # a PNG whose header declares 40000 x 40000 pixels (1.6e9, over twice Pillow's MAX_IMAGE_PIXELS): refused on open
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=r"bomb\.png: refused as a decompression bomb") as caught:
+        load_dataset(tmp_path, validation_size=0)
+    assert "\n" not in str(caught.value)
+
+
 def test_wrong_magic(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(b"PK\x03\x04" + bytes(100))

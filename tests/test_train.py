@@ -18,7 +18,9 @@ import itertools
 import json
 import math
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +186,27 @@ def test_metrics_after_resume_have_no_duplicated_steps(tmp_path):
     resumed = read_metrics(tmp_path)
     keys = [(line["split"], line["step"]) for line in resumed]
     assert len(keys) == len(set(keys))
+    assert [without_timings(line) for line in resumed] == [without_timings(line) for line in reference]
+
+
+def test_the_first_train_line_after_a_resume_averages_the_steps_before_it_too(tmp_path):
+    """Checkpoints at steps that are not multiples of log_every: the line after a resume averages the steps since the
+    last line, before and after the checkpoint (the running sums travel in it), as the uninterrupted run's did."""
+    config = small_config(max_steps=40, log_every=15, eval_every=20, checkpoint_every=10)
+    train(config, TRAIN, VALID, tmp_path)
+    reference = read_metrics(tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"  # as if killed right after the step-20 checkpoint
+    for name in ("step_00000030", "step_00000040"):
+        shutil.rmtree(ckpt_dir / name)
+    (ckpt_dir / "latest.json").write_text(json.dumps({"checkpoint": "step_00000020"}))
+    (tmp_path / "model.safetensors").unlink()
+    assert train(config, TRAIN, VALID, tmp_path, resume=True).step == 40
+    resumed = read_metrics(tmp_path)
+    assert [(line["split"], line["step"]) for line in lines(tmp_path, "train")] == [
+        ("train", 15),
+        ("train", 30),
+        ("train", 40),
+    ]
     assert [without_timings(line) for line in resumed] == [without_timings(line) for line in reference]
 
 
@@ -357,6 +380,54 @@ def test_a_kill_at_any_point_of_a_save_resumes_or_restarts_to_the_same_weights(d
     assert done["step"] == 160
     assert_same_weights(tmp_path / "model.safetensors", reference_run / "model.safetensors")
     assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def kill_and_resume(driver: Driver, run_dir: Path, points: tuple[str, ...], kills: int, seed: int) -> list[str]:
+    """SIGKILL child runs in ``run_dir`` ``kills`` times (each one resumed, or started afresh when no checkpoint exists
+    yet): first at each fault point of ``points``, then after a random delay (seeded) in or around
+    the ~2-4 s a child takes to import, load and train. A child that finishes before its kill is not counted. Returns
+    where each kill struck."""
+    rng = random.Random(seed)
+    struck: list[str] = []
+    forced = list(points)
+    while len(struck) < kills:
+        resume = latest_checkpoint(run_dir) is not None
+        point = forced.pop(0) if forced else None
+        args = [sys.executable, str(driver.script), str(driver.data), str(driver.config_file()), str(run_dir)]
+        env = dict(driver.env, VAELAB_FAULT=point) if point else driver.env
+        proc = subprocess.Popen(
+            [*args, "resume" if resume else "new"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        if point is None:
+            try:
+                proc.wait(timeout=rng.uniform(1.0, 4.5))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:  # it finished first: start again from nothing, the kill did not count
+            shutil.rmtree(run_dir)
+            continue
+        assert proc.returncode == -signal.SIGKILL, err[-3000:]
+        struck.append(f"{point or 'random'} at {step_checkpoints(run_dir)[-1:] or 'no checkpoint'}")
+    done = driver.run(run_dir, resume=latest_checkpoint(run_dir) is not None)
+    assert done["step"] == 160
+    return struck
+
+
+def test_kill_9_four_times_then_the_same_weights(driver, reference_run, tmp_path):
+    # the short version of the next test (in CI): two forced kills inside a save, two at random moments
+    struck = kill_and_resume(driver, tmp_path / "run", FAULT_POINTS[:2], kills=4, seed=0)
+    assert len(struck) == 4
+    assert_same_weights(tmp_path / "run" / "model.safetensors", reference_run / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_kill_9_at_twenty_four_points_then_the_same_weights(driver, reference_run, tmp_path):
+    # every fault point, then 20 random moments, in one run directory: each kill followed by a resume (or a fresh
+    # start, when it struck before the first checkpoint); the final weights are the uninterrupted run's, bit for bit
+    struck = kill_and_resume(driver, tmp_path / "run", FAULT_POINTS, kills=len(FAULT_POINTS) + 20, seed=1)
+    assert len(struck) == len(FAULT_POINTS) + 20
+    assert_same_weights(tmp_path / "run" / "model.safetensors", reference_run / "model.safetensors")
 
 
 def test_resume_passes_over_a_damaged_latest_checkpoint_pointer_and_metric_line(driver, reference_run, tmp_path):

@@ -52,6 +52,33 @@ def tiny_run(
     return load_run(run_dir)
 
 
+# `vaelab train` flags for a few-second run on :func:`tiny_npy` (eager: a long --max-steps must not turn compiling on)
+TINY_TRAIN_FLAGS = [
+    "--architecture-options",
+    '{"hidden": [16]}',
+    "--latent-dim",
+    "2",
+    "--batch-size",
+    "20",
+    "--validation-size",
+    "40",
+    "--eval-k",
+    "2",
+    "--eval-examples",
+    "20",
+    "--no-progress",
+    "--no-compile",
+]
+
+
+def tiny_npy(path: Path, examples: int = 240) -> Path:
+    """The bars as a uint8 ``.npy`` file (0 or 255), a dataset for ``vaelab train --dataset PATH``."""
+    import numpy as np
+
+    np.save(path, bars(examples)[0].numpy().astype(np.uint8) * 255)
+    return path
+
+
 class ClassMeanGaussian(nn.Module):
     """A conditional linear-Gaussian model: p(z|y) = N(m_y, I_d), p(x|z) = N(W z + b, s^2 I_D), y one of C classes.
 

@@ -158,6 +158,8 @@ def resolve_config(args: argparse.Namespace):
             raise UserError(f"config file {args.config} not found") from err
         except tomllib.TOMLDecodeError as err:
             raise UserError(f"config file {args.config} is not valid TOML: {err}") from err
+        except OSError as err:  # a folder, unreadable, ...
+            raise UserError(f"config file {args.config} cannot be read ({err.strerror or err})") from err
         preset = from_file.pop("preset", None)
         if preset is not None:
             if preset not in PRESETS:
@@ -592,15 +594,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from vaelab._malloc import keep_freed_memory
-    from vaelab.train import TrainingDiverged
+    try:  # building the parser and the imports below load torch: seconds, and Ctrl-C then is no error to trace
+        args = build_parser().parse_args(argv)
+        from vaelab._malloc import keep_freed_memory
+        from vaelab.runs import RunInUse
+        from vaelab.train import TrainingDiverged
+    except KeyboardInterrupt:
+        print("vaelab: interrupted", file=sys.stderr)
+        return 130
 
     keep_freed_memory()  # the command line opts in to glibc keeping freed memory (vaelab._malloc): eager log p(x)
 
     try:
         return args.func(args)
-    except (UserError, ValueError, FileNotFoundError, PermissionError, TrainingDiverged) as err:
+    except (UserError, ValueError, FileNotFoundError, PermissionError, TrainingDiverged, RunInUse) as err:
         if args.debug:
             raise
         print(f"vaelab {args.command}: error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,6 +146,34 @@ class TrainConfig:
         if data.get("architecture") == "iwae-2layer":  # saved before the two-layer model became a model family
             data = {**data, "model": "iwae-2layer", "architecture": "mlp", "latent_dim": 150}
         return cls(**data)
+
+    @classmethod
+    def from_saved(cls, data: Any, source: str | Path) -> TrainConfig:
+        """The config a run saved (its ``config.json``, or a checkpoint's ``state.json``), read from ``source``.
+
+        Unlike :meth:`from_dict`, a field of :data:`ALWAYS_SAVED` may not be missing: every vaelab has written those,
+        so a saved config without one is damaged, and a default (say the mlp architecture) would only build a model
+        the weights do not fit. Fields added since default to what runs did before them. Raises ``ValueError`` in one
+        line naming ``source`` and the field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: the saved config is not a JSON object of fields, got {type(data).__name__}")
+        missing = [name for name in ALWAYS_SAVED if name not in data]
+        if missing:
+            raise ValueError(f"{source}: the saved config has no {', '.join(missing)} (a damaged or hand-edited file)")
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+# The fields every version of vaelab has saved with a run (TrainConfig as first written, commit 0f8a7fe): required in
+# a saved config (TrainConfig.from_saved); those added later (model, posterior, optimizer, data fields, ...) are not.
+ALWAYS_SAVED = (
+    "architecture", "architecture_options", "latent_dim", "prior", "likelihood", "likelihood_options",
+    "init_decoder_bias", "objective", "k", "form", "objective_options", "schedule", "schedule_options", "batch_size",
+    "epochs", "max_steps", "lr", "lr_decay", "grad_clip", "binarize", "seed", "log_every", "eval_every", "eval_k",
+    "eval_examples", "checkpoint_every", "keep_last", "device", "progress",
+)  # fmt: skip
 
 
 # --- the type check every field gets, from its annotation ------------------------------------------------------------

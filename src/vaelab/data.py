@@ -33,6 +33,7 @@ import socket
 import tempfile
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -137,19 +138,36 @@ class DatasetSpec:
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped if it is gzip (recognized by its magic bytes, whatever its name)."""
+def _read_bytes(path: Path, declared_size: Callable[[bytes], int | None] | None = None) -> bytes:
+    """The file's content, gunzipped if it is gzip (recognized by its magic bytes, whatever its name).
+
+    ``declared_size(head)`` (the first bytes inflated; None: too few to tell) is the size the content says it has
+    (an IDX header's shape): the stream is inflated in 1 MiB pieces and refused as soon as it passes that size, so a
+    decompression bomb is never inflated whole."""
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
     if not raw.startswith(_GZIP_MAGIC):
         return raw
-    chunks, rest = [], raw
+    chunks, rest, total, cap = [], raw, 0, None
     try:
         while rest.startswith(_GZIP_MAGIC):  # a gzip file may hold several members, one after the other
-            stream = zlib.decompressobj(wbits=31)
-            chunks.append(stream.decompress(rest))
+            stream, pending = zlib.decompressobj(wbits=31), rest
+            while True:
+                piece = stream.decompress(pending, _INFLATE_PIECE)
+                chunks.append(piece)
+                total += len(piece)
+                if cap is None and declared_size is not None:
+                    cap = declared_size(b"".join(chunks)[:_HEAD_BYTES])
+                if cap is not None and total > cap:
+                    raise DataError(
+                        f"{path}: the gzip stream inflates to more than the {cap} bytes its header declares "
+                        f"(a decompression bomb?); refused after {total} bytes"
+                    )
+                pending = stream.unconsumed_tail
+                if stream.eof or (not pending and len(piece) < _INFLATE_PIECE):
+                    break
             if not stream.eof:
                 raise DataError(
                     f"{path}: truncated gzip file (the compressed stream ends early after {len(raw)} bytes)"
@@ -160,6 +178,10 @@ def _read_bytes(path: Path) -> bytes:
     if rest.strip(b"\x00"):
         raise DataError(f"{path}: {len(rest)} bytes of trailing garbage after the gzip stream")
     return b"".join(chunks)
+
+
+_INFLATE_PIECE = 1 << 20  # bytes inflated at a time
+_HEAD_BYTES = 4 + 4 * 255  # enough for any IDX header
 
 
 def _sha256(data: bytes) -> str:
@@ -196,10 +218,10 @@ _IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
 _IDX_TYPES |= {0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-def _parse_idx(data: bytes, path: Path) -> np.ndarray:
-    """A read-only array viewing ``data``, an IDX file's uncompressed content."""
+def _idx_header(data: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """An IDX file's (value type, shape, header length) from its first bytes; None if too few to tell."""
     if len(data) < 4:
-        raise DataError(f"{path}: not an IDX file: only {len(data)} bytes (truncated?)")
+        return None
     if data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
         raise DataError(
             f"{path}: not an IDX file: magic bytes {data[:4].hex(' ')} (expected 00 00, a type code among "
@@ -210,8 +232,30 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
         raise DataError(f"{path}: IDX header declares 0 dimensions")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, {header} needed for {ndim} dimensions)")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+        return None
+    return dtype, tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4)), header
+
+
+def _idx_size(head: bytes, path: Path) -> int | None:
+    """The size in bytes an IDX file's header declares (header and values), or None if ``head`` is too short."""
+    found = _idx_header(head, path)
+    return None if found is None else found[2] + math.prod(found[1]) * found[0].itemsize
+
+
+def _read_idx_bytes(path: Path) -> bytes:
+    """An IDX file's uncompressed content, a gzipped one inflated no further than its header declares."""
+    return _read_bytes(path, declared_size=lambda head: _idx_size(head, path))
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+    """A read-only array viewing ``data``, an IDX file's uncompressed content."""
+    found = _idx_header(data, path)
+    if found is None:
+        if len(data) < 4:
+            raise DataError(f"{path}: not an IDX file: only {len(data)} bytes (truncated?)")
+        header = 4 + 4 * data[3]
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, {header} needed for {data[3]} dimensions)")
+    dtype, shape, header = found
     expected = header + math.prod(shape) * dtype.itemsize  # Python ints: a corrupt header cannot overflow
     dims = "x".join(map(str, shape))
     if len(data) < expected:
@@ -228,13 +272,13 @@ def read_idx(path: str | Path) -> torch.Tensor:
         DataError: unreadable, truncated or corrupt gzip, wrong magic, or a size that disagrees with the header.
     """
     path = Path(path)
-    array = _parse_idx(_read_bytes(path), path)
+    array = _parse_idx(_read_idx_bytes(path), path)
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
 
 
 def _idx_images(path: Path, expected_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, bytes]:
     """IDX images ``[N, H, W]`` (or ``[N, D]``) of unsigned bytes, and the file's uncompressed content."""
-    data = _read_bytes(path)
+    data = _read_idx_bytes(path)
     images = _parse_idx(data, path)
     if images.dtype != np.uint8:
         raise DataError(f"{path}: IDX images must be unsigned bytes (type 08), got {images.dtype}")
@@ -248,7 +292,7 @@ def _idx_images(path: Path, expected_shape: tuple[int, ...] | None = None) -> tu
 
 def _idx_labels(path: Path, images: np.ndarray, images_path: Path) -> tuple[np.ndarray, bytes]:
     """IDX labels ``[N]``, one per image of ``images``, and the file's uncompressed content."""
-    data = _read_bytes(path)
+    data = _read_idx_bytes(path)
     labels = _parse_idx(data, path)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{path}: IDX labels must be 1-D integers, got {labels.ndim}-D {labels.dtype}")
@@ -855,10 +899,14 @@ def _load_image_folder(folder: Path, *, validation_size: int, seed: int) -> Spli
     arrays = []
     for path in files:
         try:
-            with Image.open(path) as image:
-                grey = image.mode in ("1", "L", "LA")
-                arrays.append(np.asarray(image.convert("L" if grey else "RGB"), dtype=np.uint8))
-        except OSError as err:
+            with warnings.catch_warnings():  # Pillow warns above MAX_IMAGE_PIXELS, raises at twice that: refused
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    grey = image.mode in ("1", "L", "LA")
+                    arrays.append(np.asarray(image.convert("L" if grey else "RGB"), dtype=np.uint8))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise DataError(f"{path}: refused as a decompression bomb ({err})") from None
+        except (OSError, ValueError) as err:
             raise DataError(f"{path}: cannot be read as an image ({err})") from None
         if arrays[-1].shape != arrays[0].shape:
             raise DataError(

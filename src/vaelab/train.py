@@ -61,7 +61,15 @@ from vaelab.models import bind
 from vaelab.nets import init_decoder_bias
 from vaelab.objectives import OBJECTIVES
 from vaelab.optimizers import make_optimizer
-from vaelab.runs import Run, latest_checkpoint, load_run, resume_checkpoint, truncate_metrics
+from vaelab.runs import (
+    Run,
+    RunLock,
+    check_weights,
+    latest_checkpoint,
+    load_run,
+    resume_checkpoint,
+    truncate_metrics,
+)
 from vaelab.schedules import make_schedule
 from vaelab.steps import TrainingDiverged, make_step
 
@@ -98,7 +106,8 @@ class Trainer:
         train_data: ``x [N, *data_shape]`` (float in [0, 1] or the like, or uint8 0-255, converted per batch), or a
             dict of tensors aligned with it (``{"x": x, "y": labels}``): batches take the same rows of each.
         valid_data: the same for validation, or ``None``.
-        run_dir: where config, metrics, TensorBoard logs, checkpoints and final weights go.
+        run_dir: where config, metrics, TensorBoard logs, checkpoints and final weights go. Locked from here until
+            ``fit()`` ends (:class:`~vaelab.runs.RunLock`): a second Trainer on it raises ``RunInUse``.
         resume: continue from the run directory's latest checkpoint (its saved config wins).
         model: a model built by hand (the :mod:`vaelab.models` interface); None: ``build_model(config, data_shape)``.
             Its weights are used as given (no decoder-bias initialisation); :func:`~vaelab.runs.load_run` can rebuild
@@ -119,9 +128,21 @@ class Trainer:
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # One writer per run directory: the lock comes before anything there is read, written or removed, and is
+        # held until fit() ends (rank 0 only, the one rank that writes)
+        self._lock = RunLock(self.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+        try:
+            self._setup(config, train_data, valid_data, resume=resume, model=model)
+        except BaseException:
+            self._release()
+            raise
+
+    def _setup(
+        self, config: TrainConfig, train_data: Data, valid_data: Data | None, *, resume: bool, model: nn.Module | None
+    ) -> None:
         # What a killed save left (.step_N.tmp, .best.old) is no checkpoint: cleared first, so that a crash during
         # the first save never leaves a directory that can neither resume nor start afresh
-        if int(os.environ.get("RANK", "0")) == 0:
+        if self._lock is not None:
             remove_leftovers(self.ckpt_dir)
         found = resume_checkpoint(self.run_dir) if resume else None
         if resume and found is None:
@@ -191,19 +212,35 @@ class Trainer:
             self.compiles = self.total_steps * self.batch_size >= AUTO_COMPILE_SAMPLES
         self.take_step = make_step(self)  # (batch, sched, lr) -> stats: eager, compiled objective, or whole step
         self.step, self.best_elbo, self.last_eval = 0, -math.inf, None
+        # the train statistics summed over the steps since the last train metric line (saved with checkpoints, so
+        # that the first line after a resume averages the same steps as an uninterrupted run's)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
         self._stop: str | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
         if resume_from is not None:
             self._restore(resume_from, loaded)
 
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
     # --- state ---------------------------------------------------------------------------------------------------
     def _restore(self, directory: Path, loaded: tuple[dict, dict, dict]) -> None:
-        weights, tensors, meta = loaded  # load_checkpoint(directory), read once by resume_checkpoint
+        weights, tensors, meta = loaded  # load_run_checkpoint(directory), read once by resume_checkpoint
+        check_weights(self.model, weights, directory / "model.safetensors")
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
-        restore_optimizer(self.optimizer, tensors, meta)
+        try:
+            restore_optimizer(self.optimizer, tensors, meta)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:  # torch's own message, on its own line
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{directory / 'state.json'}: the optimizer state does not fit ({reason})") from None
         set_rng_state(tensors)
         self.step, self.last_eval = meta["step"], meta.get("last_eval")
         self.best_elbo = meta.get("best_elbo", -math.inf)
+        sums = meta.get("log_sums", {})  # absent from checkpoints written before they were saved: lines restart
+        self._sums = {k: torch.tensor(v, dtype=getattr(torch, d), device=self.device) for k, (v, d) in sums.items()}
+        self._count = meta.get("log_count", 0)
         truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
 
@@ -216,6 +253,9 @@ class Trainer:
             "best_elbo": self.best_elbo,
             "last_eval": self.last_eval,
             "data_shape": list(self.data_shape),
+            # exact: a float32 or bfloat16 value is a JSON (double) number without rounding
+            "log_sums": {k: [v.tolist(), str(v.dtype).removeprefix("torch.")] for k, v in self._sums.items()},
+            "log_count": self._count,
         }
         save_checkpoint(directory, model=self.model, optimizer=self.optimizer, meta=meta)
         if name is None:
@@ -333,25 +373,25 @@ class Trainer:
         log = RunLog(self.run_dir, append=self.step > 0, enabled=self.rank == 0)
         previous = install_signal_handlers(self._request_stop)
         bar = progress_bar(self.total_steps, self.step, enabled=self.config.progress and self.rank == 0)
-        sums: dict[str, torch.Tensor] = {}
-        count, tick = 0, time.perf_counter()
+        timed, tick = 0, time.perf_counter()  # steps since tick, for samples_per_sec
         try:
             while self.step < self.total_steps and self._stop is None:
                 for key, value in self.train_step().items():
-                    sums[key] = sums.get(key, 0) + value
-                count += 1
+                    self._sums[key] = self._sums.get(key, 0) + value
+                self._count += 1
+                timed += 1
                 bar.update(1)
                 if self.world > 1 and not all_ranks(self._stop is None, self.world, self.device):
                     self._stop = self._stop or "a signal on another rank"
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
-                    means = mean_over_ranks([v / count for v in sums.values()], self.world, self.device)
-                    line = dict(zip(sums, means, strict=True))
+                    means = mean_over_ranks([v / self._count for v in self._sums.values()], self.world, self.device)
+                    line = dict(zip(self._sums, means, strict=True))
                     line.update(
                         split="train",
                         step=self.step,
                         epoch=self.step / self.steps_per_epoch,
                         lr=self.config.lr * LR_DECAYS[self.config.lr_decay](self.step - 1, self.total_steps),
-                        samples_per_sec=count * self.batch_size / max(time.perf_counter() - tick, 1e-9),
+                        samples_per_sec=timed * self.batch_size / max(time.perf_counter() - tick, 1e-9),
                         **self.schedule.objective_kwargs(self.step - 1),
                     )
                     line.setdefault("beta", 1.0)
@@ -362,7 +402,7 @@ class Trainer:
                         beta=f"{line['beta']:.3g}",
                         sps=f"{line['samples_per_sec']:.0f}",
                     )
-                    sums, count, tick = {}, 0, time.perf_counter()
+                    self._sums, self._count, timed, tick = {}, 0, 0, time.perf_counter()
                 paused = time.perf_counter()
                 if self.rank == 0 and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                     result = self.evaluate()
@@ -392,6 +432,7 @@ class Trainer:
             bar.close()
             log.close()
             restore_signal_handlers(previous)
+            self._release()
         if self.world > 1:  # rank 0 was still writing files: no rank tears its connections down before the others
             dist.barrier()
             if self._owns_group:
