@@ -716,7 +716,7 @@ def score_run(name: str, run, data: LadderData, *, k: int, dataset: str, batch_s
     The estimate is :func:`vaelab.evaluate.evaluate_model`'s importance-sampled log p(x) with ``k`` samples, or the
     run's ``eval_test.json`` where that scored exactly these images (binary space, same data set, seed and number of
     test examples). A run is comparable when it was trained on ``dataset`` and its p(x|z) is a distribution on the
-    ladder's space (:func:`support_space`).
+    ladder's space (:func:`support_space`): ``dataset`` is the name or path the data were loaded by.
     """
     import json
     from pathlib import Path
@@ -724,7 +724,7 @@ def score_run(name: str, run, data: LadderData, *, k: int, dataset: str, batch_s
     from vaelab.evaluate import evaluate_model
 
     trained_on = run.config.dataset
-    if Path(trained_on).name != Path(dataset).name:
+    if trained_on != dataset and Path(trained_on).expanduser().resolve() != Path(dataset).expanduser().resolve():
         return {"name": name, "kind": "vae", "not_comparable": f"trained on {trained_on}, not {dataset}"}
     device = next(run.model.parameters()).device
     x = data.test.reshape(len(data.test), *data.data_shape).to(device=device, dtype=torch.float32)
