@@ -512,3 +512,45 @@ def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "vaelab: interrupted\n", err[-3000:]
     assert "usage" not in out  # stopped before the help was printed: the signal did come during the imports
+
+
+def test_baselines_ladder_on_tiny_data(tmp_path):
+    import numpy as np
+
+    from tiny import bars, tiny_run
+
+    data = tmp_path / "bars.npz"
+    x, _ = bars(240, seed=0)
+    np.savez(data, x=x[:160].numpy(), x_valid=x[160:200].numpy(), x_test=x[200:].numpy())
+    tiny_run(tmp_path / "run", dataset=str(data), steps=20)
+    out = tmp_path / "ladder.json"
+    args = ["baselines", "--dataset", data, "--runs", tmp_path / "run", "--components", "2", "4", "--k", "10"]
+    proc = vaelab(*args, "--json", out, check=True)
+    assert "not comparable" not in proc.stdout and "kde-bernoulli" in proc.stdout, proc.stdout
+    table = json.loads(out.read_text())
+    assert table["space"] == "binary" and table["split"] == "bars test[:40], binary as stored"
+    names = [r["name"] for r in table["rows"]]
+    assert names == ["kde-bernoulli", "bernoulli-mixture", str(tmp_path / "run")]
+    assert all(math.isfinite(r["log_px"]["mean"]) and r["log_px"]["sem"] > 0 for r in table["rows"])
+    # the binary data as dequantized grey: refused in one line; so are binary-only baselines on grey data
+    for bad, why in [
+        (["--space", "dequantized"], "is not 8-bit grey data"),
+        (["--bandwidths", "0"], "bandwidths must lie in (0, 1.0), got [0.0]"),
+        (["--components", "200"], "K = 200 mixture components need at least K training points, got 160"),
+    ]:
+        proc = vaelab("baselines", "--dataset", data, *bad)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and why in proc.stderr, proc.stderr
+    grey = tmp_path / "grey.npz"
+    g = np.random.default_rng(0)
+    np.savez(
+        grey,
+        x=g.integers(0, 256, (60, 1, 4, 4), dtype=np.uint8),
+        x_test=g.integers(0, 256, (9, 1, 4, 4), dtype=np.uint8),
+    )
+    proc = vaelab("baselines", "--dataset", grey, "--validation-size", "20", "--baselines", "bernoulli-mixture")
+    assert proc.returncode == 2 and "bernoulli-mixture models binary data, not dequantized data" in proc.stderr
+    grey_args = ["--validation-size", "20", "--components", "1", "2", "--latent-dims", "2", "--json", out]
+    vaelab("baselines", "--dataset", grey, *grey_args, check=True)
+    table = json.loads(out.read_text())
+    assert table["space"] == "dequantized" and len(table["rows"]) == 5
+    assert all(0 < r["bits_per_dim"]["mean"] < 16 for r in table["rows"])
