@@ -90,3 +90,51 @@ def test_evaluate_model_binds_each_batch_to_its_own_context():
         evaluate_model(model, x, k=5, progress=False)
     with pytest.raises(ValueError, match=r"context 'y' has 29 rows but x has 30"):
         evaluate_model(model, x, k=5, progress=False, context={"y": y[:29]})
+
+
+# --- classification metrics -------------------------------------------------------------------------------------------
+def test_classification_metrics_equal_a_hand_computation():
+    from vaelab.evaluate import classification_metrics
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.3, 0.7], [0.74, 0.26]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 0])  # right, wrong, wrong, right, right
+    m = classification_metrics(probs.log(), labels, bins=4)  # bins (0, .25], (.25, .5], (.5, .75], (.75, 1]
+    eps = torch.finfo(torch.float64).eps * 16  # a few roundings of numbers of order one
+    assert m["accuracy"] == 3 / 5 and abs(m["error"] - 2 / 5) <= eps and m["examples"] == 5
+    nll = -torch.tensor([0.9, 0.2, 0.45, 0.7, 0.74], dtype=torch.float64).log()
+    assert abs(m["nll"] - nll.mean().item()) <= eps
+    assert abs(m["nll_stderr"] - (nll.std() / 5**0.5).item()) <= eps
+    # bin (.5, .75]: confidences .55, .7, .74, two right; bin (.75, 1]: .9, .8, one right
+    ece = 3 / 5 * abs(2 / 3 - (0.55 + 0.7 + 0.74) / 3) + 2 / 5 * abs(1 / 2 - (0.9 + 0.8) / 2)
+    assert abs(m["ece"] - ece) <= eps
+    assert m["reliability"]["count"] == [0, 0, 3, 2]
+    assert m["reliability"]["accuracy"][:2] == [None, None] and abs(m["reliability"]["accuracy"][2] - 2 / 3) <= eps
+    assert abs(m["reliability"]["confidence"][3] - 0.85) <= eps
+    assert m["confusion"] == [[2, 1], [1, 1]]  # rows: true class; columns: predicted
+    with pytest.raises(ValueError, match=r"labels must be in 0..1, got 0..2"):
+        classification_metrics(probs.log(), torch.tensor([0, 0, 2, 1, 0]))
+
+
+def test_class_log_probs_batches_a_models_classify_and_refuses_a_model_without():
+    from torch.distributions import Categorical
+
+    from vaelab.evaluate import class_log_probs
+
+    class Linear(torch.nn.Module):
+        classes = 3
+
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 3, dtype=torch.float64)
+
+        def classify(self, x, temperature=1.0):
+            return Categorical(logits=self.net(x) / temperature)
+
+    model, x = Linear(), torch.randn(11, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = class_log_probs(model, x, batch_size=4, temperature=2.0)
+    want = (model.net(x) / 2).log_softmax(-1)
+    assert got.shape == (11, 3)
+    # the same float64 numbers normalised once more: a few roundings of values of order one
+    assert torch.allclose(got, want, rtol=0, atol=16 * torch.finfo(got.dtype).eps * want.abs().max().item())
+    with pytest.raises(ValueError, match="does not predict labels"):
+        class_log_probs(torch.nn.Linear(4, 3, dtype=torch.float64), x)

@@ -304,7 +304,7 @@ def _eval_data(run, split: str, examples: int | None, seed: int):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vaelab.diagnostics import diagnostics
-    from vaelab.evaluate import evaluate_model, format_evaluation
+    from vaelab.evaluate import evaluate_model, format_classification, format_evaluation, is_latent_model
     from vaelab.report import as_json
 
     _check_at_least_one(args, "k", "examples", "diagnostics_examples", "batch_size")
@@ -313,20 +313,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     torch_seed(args.seed)
     progress = not args.no_progress
     options = dict(k=args.k, batch_size=args.batch_size, progress=progress, compile=args.compile, context=context)
-    if args.fast:
-        result = as_json(evaluate_model(run.model, x, **options))
-    else:
-        result = as_json(diagnostics(run.model, x, examples=args.diagnostics_examples, **options))
-    result.update(_baselines(run, x))
+    result = {}
+    if is_latent_model(run.model):
+        if args.fast:
+            result = as_json(evaluate_model(run.model, x, **options))
+        else:
+            result = as_json(diagnostics(run.model, x, examples=args.diagnostics_examples, **options))
+        result.update(_baselines(run, x))
+    result.update(_classification(run, x, args.split, progress=progress))
     result.update(run_dir=str(args.run_dir), split=args.split, weights=str(run.weights), seed=args.seed)
     if context is not None:
         result["given"] = sorted(context)
     print(f"{args.run_dir} on {run.config.dataset} {args.split}{_given(context)}:")
-    print(format_evaluation(result))
+    if is_latent_model(run.model):
+        print(format_evaluation(result))
+    if "classification" in result:
+        print(format_classification(result["classification"]))
     out = args.json or str(Path(args.run_dir) / f"eval_{args.split}.json")
     Path(out).write_text(json.dumps(result, indent=2))
     print(f"results written to {out}")
     return 0
+
+
+def _classification(run, x, split: str, *, progress: bool, **classify_options) -> dict:
+    """``{"classification": classification_metrics(...)}`` of a model that predicts labels (has ``classify``) on the
+    first ``len(x)`` examples of ``split``; ``{}`` for other models."""
+    from vaelab.evaluate import class_log_probs, classification_metrics
+
+    if not callable(getattr(run.model, "classify", None)):
+        return {}
+    splits = _load_splits(run.config, run.run_dir)
+    labels = getattr(splits, f"{split}_labels")
+    if labels is None:
+        raise UserError(f"{run.run_dir}: the model predicts labels, which the {split} split of {splits.name} lacks")
+    log_probs = class_log_probs(run.model, x, progress=progress, **classify_options)
+    return {"classification": classification_metrics(log_probs, labels[: len(x)])}
 
 
 def _given(context) -> str:
@@ -471,6 +492,7 @@ def _add_pictures(sub) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from vaelab.checkpoint import atomic_write_text
     from vaelab.diagnostics import diagnostics
+    from vaelab.evaluate import is_latent_model
     from vaelab.plots import draw_pictures
     from vaelab.report import as_json, write_report
 
@@ -482,12 +504,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     labels = None if labels is None else labels[: len(x)]
     torch_seed(args.seed)
     progress = not args.no_progress
-    found = diagnostics(
-        run.model, x, k=args.k, examples=args.diagnostics_examples, slow=not args.fast, progress=progress,
-        compile=args.compile, context=context,
-    )  # fmt: skip
-    result = as_json(found)
-    result.update(_baselines(run, x))
+    found, result = None, {}
+    if is_latent_model(run.model):
+        found = diagnostics(
+            run.model, x, k=args.k, examples=args.diagnostics_examples, slow=not args.fast, progress=progress,
+            compile=args.compile, context=context,
+        )  # fmt: skip
+        result = as_json(found)
+        result.update(_baselines(run, x))
+    result.update(_classification(run, x, "test", progress=progress))
     result.update(run_dir=str(run_dir), split="test", weights=str(run.weights), seed=args.seed)
     if context is not None:
         result["given"] = sorted(context)
@@ -499,7 +524,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         run.model, x, run_dir / "pictures", labels=labels, metrics=run.metrics, diagnostics=result, context=context
     )
     out = write_report(run, result, Path(args.out) if args.out else run_dir / "report.html", pictures=pictures)
-    print(f"diagnostics of {len(x)} test examples ({found.examples} for the slow ones) written to {json_path}")
+    slow = "" if found is None else f" ({found.examples} for the slow ones)"
+    print(f"diagnostics of {len(x)} test examples{slow} written to {json_path}")
     print(f"{len(pictures)} pictures written to {run_dir / 'pictures'}")
     print(f"report written to {out}")
     return 0

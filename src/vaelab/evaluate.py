@@ -227,6 +227,106 @@ def format_evaluation(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def is_latent_model(model) -> bool:
+    """Whether ``model`` has latent variables to estimate log p(x) with: ``encode``, or ``given(...)`` views that have
+    it (a model with ``context``). A classifier p(y|x) has neither."""
+    return callable(getattr(model, "encode", None)) or bool(getattr(model, "context", ()))
+
+
+# --- classification: any model with classes and classify(x) -> Categorical p(y|x) -------------------------------------
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al., 2017)
+
+
+def class_log_probs(
+    model, x: torch.Tensor, *, batch_size: int = 500, progress: bool = False, **classify_options: Any
+) -> torch.Tensor:
+    """log p(y = c | x) ``[N, classes]`` of a model with ``classify(x, **classify_options) -> Categorical``, batch by
+    batch (no gradients)."""
+    if not callable(getattr(model, "classify", None)):
+        raise ValueError(f"{type(model).__name__} does not predict labels: it has no classify(x)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    out = []
+    bar = progress_bar(len(x), "p(y|x)", "example", enabled=progress)
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            out.append(model.classify(x[start : start + batch_size], **classify_options).logits)
+            if bar is not None:
+                bar.update(len(out[-1]))
+    if bar is not None:
+        bar.close()
+    return torch.cat(out).log_softmax(-1)  # Categorical normalises its logits; once more costs nothing
+
+
+def classification_metrics(
+    log_probs: torch.Tensor, labels: torch.Tensor, *, bins: int = CALIBRATION_BINS
+) -> dict[str, Any]:
+    """How good and how calibrated the predictions log p(y|x) ``[N, C]`` of the true ``labels`` ``[N]`` are.
+
+    Returns accuracy and error (fractions, the prediction being the most probable class), ``nll`` (mean -log p(y|x)
+    of the true label, nats) with ``nll_stderr`` (its standard error over examples), ``ece`` (expected calibration
+    error: sum over ``bins`` equal-width bins of the top-class confidence, of the fraction of examples in the bin
+    times |accuracy - mean confidence| there), ``reliability`` (per bin: ``edges`` [bins + 1], ``confidence`` and
+    ``accuracy`` (None for an empty bin) and ``count``), ``confusion`` (``[C][C]`` counts, rows the true class,
+    columns the predicted one) and ``examples``.
+    """
+    if log_probs.dim() != 2 or labels.shape != log_probs.shape[:1]:
+        shapes = f"{list(log_probs.shape)} and {list(labels.shape)}"
+        raise ValueError(f"log_probs must be [N, C] and labels [N], got {shapes}")
+    if len(labels) == 0:
+        raise ValueError("no examples to score")
+    classes = log_probs.shape[1]
+    labels = labels.long().to(log_probs.device)
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"labels must be in 0..{classes - 1}, got {labels.min().item()}..{labels.max().item()}")
+    log_probs = log_probs.double()
+    confidence, predicted = log_probs.max(-1)
+    confidence = confidence.exp()
+    correct = (predicted == labels).double()
+    nll = -log_probs.gather(1, labels[:, None])[:, 0]
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    which = torch.bucketize(confidence.cpu(), edges[1:-1])  # bin b holds (e_b, e_b+1]
+    count = torch.bincount(which, minlength=bins)
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, confidence.cpu())
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct.cpu())
+    filled = count > 0
+    ece = ((acc_sum - conf_sum).abs()[filled]).sum() / len(labels)  # sum_b n_b/N |acc_b - conf_b|
+    confusion = torch.zeros(classes * classes, dtype=torch.int64)
+    confusion.index_add_(0, (labels * classes + predicted).cpu(), torch.ones(len(labels), dtype=torch.int64))
+
+    def per_bin(sums: torch.Tensor) -> list[float | None]:
+        return [(s / n).item() if n else None for s, n in zip(sums, count.tolist(), strict=True)]
+
+    accuracy = correct.mean().item()
+    return {
+        "accuracy": accuracy,
+        "error": 1 - accuracy,
+        "nll": nll.mean().item(),
+        "nll_stderr": summarize(nll)["sem"],
+        "ece": ece.item(),
+        "reliability": {
+            "edges": edges.tolist(),
+            "confidence": per_bin(conf_sum),
+            "accuracy": per_bin(acc_sum),
+            "count": count.tolist(),
+        },
+        "confusion": confusion.view(classes, classes).tolist(),
+        "examples": len(labels),
+    }
+
+
+def format_classification(metrics: dict[str, Any]) -> str:
+    """A few lines of :func:`classification_metrics`' result."""
+    return "\n".join(
+        [
+            f"  classification of {metrics['examples']} examples, p(y|x):",
+            f"    accuracy {100 * metrics['accuracy']:.2f}%  (error {100 * metrics['error']:.2f}%)",
+            f"    NLL {metrics['nll']:.4f} ± {metrics['nll_stderr']:.4f} nats",
+            f"    expected calibration error {metrics['ece']:.4f} ({len(metrics['reliability']['count'])} bins)",
+        ]
+    )
+
+
 def final_beta(config) -> float | None:
     """The KL weight a run ends with (its schedule at the last step); None for schedules that are not a beta."""
     from vaelab.schedules import make_schedule
