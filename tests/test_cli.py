@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -481,10 +482,21 @@ def test_a_second_writer_is_refused_in_one_line_and_a_killed_writers_lock_does_n
         first.communicate(timeout=60)
     assert lock_holder(run) == str(first.pid) and json.loads(config)["seed"] == 0
 
-    resumed = subprocess.Popen([*command, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    resumed = subprocess.Popen([*command, "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []  # its stderr, read as it comes: the lock is taken before the checkpoint is restored
+
+    def read() -> None:
+        for line in resumed.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     wait_for(lambda: lock_holder(run) == str(resumed.pid), resumed, "the resumed run to take the lock")
+    wait_for(lambda: any("resumed from" in line for line in list(lines)), resumed, "the resumed run to restore")
     resumed.send_signal(signal.SIGINT)  # it runs: stop it cleanly
-    _, err = resumed.communicate(timeout=120)
+    resumed.wait(timeout=120)
+    reader.join(timeout=60)
+    err = "".join(lines)
     assert resumed.returncode == 130, err[-3000:]
     assert "resumed from" in err and "Traceback" not in err
     assert not (run / ".lock").exists()  # released and removed on the way out
