@@ -259,10 +259,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130 if result.interrupted == "SIGINT" else 143
     summary = f"trained {result.step} steps; run directory {args.out}"
     if result.last_eval:
-        k = config.eval_k
-        summary += (
-            f"; validation ELBO {result.last_eval['elbo']:.2f}, IWAE_{k} {result.last_eval[f'iwae_{k}']:.2f} nats"
-        )
+        last, k = result.last_eval, config.eval_k
+        summary += f"; validation ELBO {last['elbo']:.2f}"
+        summary += f", IWAE_{k} {last[f'iwae_{k}']:.2f} nats" if f"iwae_{k}" in last else " nats"
+        if "accuracy" in last:  # a model that predicts labels (e.g. m2)
+            summary += f", accuracy {100 * last['accuracy']:.2f}%"
     print(summary)
     return 0
 

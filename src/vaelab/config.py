@@ -38,9 +38,14 @@ class TrainConfig:
     data_dir: str | None = None  # where to look first (else VAELAB_DATA_DIR, the cache, system copies)
     validation_size: int = 10000  # examples carved from train (fixed seed) for validation
     max_examples: int | None = None  # truncate every split (quick runs)
+    labels: int | None = None  # semi-supervised: keep the labels of this many training examples (balanced over the
+    # classes, drawn with the seed: vaelab.data.label_subset) and hide the rest (y = -1); only for a model that
+    # trains on partly labelled data (one with a labelled_share, e.g. "m2"). None: every label the data hold
     # model: a family of vaelab.models.MODELS, and its parts as {name, options} (each name a key of its registry,
     # each options dict keyword arguments of what the name builds; see REGISTRIES and OPTIONS below)
     model: str = "vae"  # key of vaelab.models.MODELS
+    model_options: dict[str, Any] = field(default_factory=dict)  # keyword options of the family's from_config, e.g.
+    # {"classes": 10} for "m2"; the families that take none refuse any
     architecture: str = "mlp"  # key of vaelab.nets.ARCHITECTURES
     architecture_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden": [512, 256]}
     latent_dim: int = 32
@@ -108,7 +113,7 @@ class TrainConfig:
             raise ValueError(f"validation_size must be an integer >= 0, got {self.validation_size!r}")
         if not 0 <= self.seed < 2**32:  # the range every seeded library takes (numpy's legacy seed, torch, Python)
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_examples", "max_examples"):
+        for name in ("max_steps", "eval_every", "checkpoint_every", "eval_examples", "max_examples", "labels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
@@ -117,6 +122,12 @@ class TrainConfig:
         check_device(self.device)
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        check_model_options(self)
+        if self.labels is not None and getattr(MODELS[self.model], "labelled_share", None) is None:
+            raise ValueError(
+                f"the {self.model!r} model does not train on partly labelled data: labels={self.labels!r} is for a "
+                "semi-supervised model such as 'm2'; leave labels at None"
+            )
         check_config = getattr(MODELS[self.model], "check_config", None)
         if check_config is not None:
             check_config(self)
@@ -300,6 +311,17 @@ def check_options(config: TrainConfig, field_name: str) -> None:
         raise ValueError(f"unknown {field_name} {', '.join(map(repr, unknown))} for {owner} {name!r}; {takes}")
 
 
+def check_model_options(config: TrainConfig) -> None:
+    """Refuse ``model_options`` that the family's ``from_config`` does not take as keyword arguments (beyond
+    ``config`` and ``data_shape``), naming those it takes."""
+    options = config.model_options
+    valid = option_names(MODELS[config.model].from_config, ("config", "data_shape"))
+    unknown = [] if valid is None else sorted(set(options) - set(valid))
+    if unknown:
+        takes = f"it takes {', '.join(valid)}" if valid else "it takes none"
+        raise ValueError(f"unknown model_options {', '.join(map(repr, unknown))} for model {config.model!r}; {takes}")
+
+
 def check_objective_options(config: TrainConfig) -> None:
     """Refuse, when the config is built, keyword arguments the objective would refuse at its first step: missing,
     unknown, or set both by ``objective_options`` and by the schedule (which also checks ``schedule_options``)."""
@@ -314,8 +336,8 @@ def check_objective_options(config: TrainConfig) -> None:
 
 def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:
     """The model a config describes, for data of shape ``data_shape`` (weights freshly initialised): the family
-    ``config.model`` of :data:`vaelab.models.MODELS` builds itself."""
-    return MODELS[config.model].from_config(config, tuple(data_shape))
+    ``config.model`` of :data:`vaelab.models.MODELS` builds itself (with ``config.model_options``)."""
+    return MODELS[config.model].from_config(config, tuple(data_shape), **config.model_options)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -45,6 +45,7 @@ import torch
 
 __all__ = [
     "DATASETS",
+    "UNLABELLED",
     "DataError",
     "DatasetSpec",
     "MappedRows",
@@ -55,8 +56,10 @@ __all__ = [
     "binarize_fixed",
     "download_dataset",
     "find_dataset",
+    "label_subset",
     "load_dataset",
     "mean_example",
+    "partly_labelled",
     "read_idx",
     "split_indices",
 ]
@@ -1002,6 +1005,64 @@ def load_dataset(
             )
         splits = _load_path(path, validation_size=validation_size, seed=seed)
     return _truncate(splits, max_examples)
+
+
+# --- semi-supervised data: a few labels kept, the rest marked unlabelled ------------------------------------------
+UNLABELLED = -1
+"""The label of an example whose label is hidden from a semi-supervised model (:func:`partly_labelled`): its row of
+``y`` holds -1, every other row a class in 0..C-1."""
+
+
+def label_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """The indices (sorted, int64 ``[n]``) of ``n`` labelled examples balanced over the classes: n / C of each of the
+    C classes present in ``labels``, each class's drawn uniformly without replacement by a CPU generator seeded
+    ``seed`` (so the same labels and seed give the same subset on any machine).
+
+    This is the protocol of semi-supervised MNIST with 100 labels (Kingma, Rezende, Mohamed & Welling, 2014): 10
+    of each digit. Raises ``ValueError`` in one line when ``n`` is not a positive multiple of C or asks for more
+    examples of a class than ``labels`` holds.
+
+    Args:
+        labels: int ``[N]``, classes >= 0.
+        n: how many examples to keep labelled.
+        seed: the draw's seed.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point() or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {getattr(labels, 'shape', labels)!r}")
+    if bool((labels < 0).any()):
+        raise ValueError(f"labels must be classes >= 0, got {labels.min().item()} (already partly unlabelled?)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of labelled examples must be an integer >= 1, got {n!r}")
+    labels = labels.cpu()
+    classes, counts = torch.unique(labels, return_counts=True)
+    per_class, rest = divmod(n, len(classes))
+    if rest:
+        raise ValueError(
+            f"{n} labelled examples cannot be balanced over the {len(classes)} classes: "
+            f"pass a multiple of {len(classes)}"
+        )
+    fewest = int(counts.min())
+    if per_class > fewest:
+        short = classes[counts.argmin()].item()
+        raise ValueError(
+            f"{n} labelled examples need {per_class} of each class, but class {short} has only {fewest} "
+            f"(at most {fewest * len(classes)} balanced labels exist)"
+        )
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in classes.tolist():  # in class order, one generator: the draw is a function of (labels, n, seed)
+        rows = (labels == c).nonzero()[:, 0]
+        chosen.append(rows[torch.randperm(len(rows), generator=g)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def partly_labelled(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """``labels`` with all but the :func:`label_subset` ``(labels, n, seed)`` replaced by :data:`UNLABELLED` (-1):
+    the ``y`` a semi-supervised model trains on (int64 ``[N]``, on ``labels``' device)."""
+    keep = label_subset(labels, n, seed).to(labels.device)
+    out = torch.full_like(labels, UNLABELLED, dtype=torch.int64)
+    out[keep] = labels[keep].long()
+    return out
 
 
 # --- 8-bit data, converted per batch ------------------------------------------------------------------------------

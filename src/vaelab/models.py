@@ -359,4 +359,5 @@ class LinearGaussian(nn.Module):
 
 
 # The families defined in other modules register themselves on import (at the end: they import this module).
-import vaelab.hierarchical  # noqa: E402, F401  ("iwae-2layer")
+import vaelab.hierarchical  # noqa: E402  ("iwae-2layer")
+import vaelab.semisupervised  # noqa: E402, F401  ("m2")

@@ -1,13 +1,14 @@
 """Training: one readable loop, a config saved with every checkpoint, and nothing lost on a crash.
 
 The loop, per step: draw the batch (a fixed permutation per epoch, so the data order is a pure function of seed and
-step; one index for every key of the data: ``x`` and any side input such as labels ``y``), binarize it on the device
-if asked, evaluate the per-example objective (on ``model.given(**context)`` when the model asks for context), reduce
-once (mean), backward, clip, optimizer step. Which step runs (eager, compiled objective, or the whole step as one
-compiled graph) is chosen once, in ``__init__`` (:mod:`vaelab.steps`). Around it: the KL schedule and learning
-rate as pure functions of the step, metrics to JSONL and TensorBoard, evaluation on a validation set, atomic checkpoints
-(:mod:`vaelab.checkpoint`), exact resume, a clean stop on Ctrl-C / SIGTERM, and a stop naming the term and step when
-anything turns non-finite.
+step; one index for every key of the data: ``x`` and any side input such as labels ``y``; for a semi-supervised
+model, a fixed share from the labelled rows, also a pure function of seed and step: ``Trainer._labelled_split``),
+binarize it on the device if asked, evaluate the per-example objective (on ``model.given(**context)`` when the model
+asks for context), reduce once (mean), backward, clip, optimizer step. Which step runs (eager, compiled objective, or
+the whole step as one compiled graph) is chosen once, in ``__init__`` (:mod:`vaelab.steps`). Around it: the KL
+schedule and learning rate as pure functions of the step, metrics to JSONL and TensorBoard, evaluation on a validation
+set, atomic checkpoints (:mod:`vaelab.checkpoint`), exact resume, a clean stop on Ctrl-C / SIGTERM, and a stop naming
+the term and step when anything turns non-finite.
 
 On CPU, a run interrupted (even by SIGKILL) and resumed from its last checkpoint ends with weights bit-identical to an
 uninterrupted run with the same seed: every source of randomness is either a function of (seed, step) or an RNG whose
@@ -53,7 +54,16 @@ from vaelab.checkpoint import (
     set_rng_state,
 )
 from vaelab.config import AUTO_COMPILE_SAMPLES, LR_DECAYS, PRESETS, TrainConfig, build_model, resolve_device
-from vaelab.data import Data, aligned_fields, as_float, binarize_fixed, binarize_with_bits, mean_example
+from vaelab.data import (
+    UNLABELLED,
+    Data,
+    aligned_fields,
+    as_float,
+    binarize_fixed,
+    binarize_with_bits,
+    mean_example,
+    partly_labelled,
+)
 from vaelab.distributed import all_ranks, init_distributed, mean_over_ranks
 from vaelab.estimators import check_values, data_support, elbo_parts, log_marginal, trusted_data
 from vaelab.likelihoods import LIKELIHOODS
@@ -113,7 +123,9 @@ class Trainer:
             Its weights are used as given (no decoder-bias initialisation); :func:`~vaelab.runs.load_run` can rebuild
             it only if its class is registered (:func:`vaelab.models.register_model`) and named by ``config.model``.
             A model whose ``context`` names batch keys (e.g. ``("y",)``) is trained and validated as
-            ``model.given(y=batch["y"])``.
+            ``model.given(y=batch["y"])``. A model with ``labelled_share`` (e.g. "m2") trained on labels of which
+            some are :data:`~vaelab.data.UNLABELLED` (-1; ``config.labels`` hides all but a balanced few) gets batches
+            with that share of labelled rows and a ``weight`` per row (:meth:`_labelled_split`).
     """
 
     def __init__(
@@ -160,6 +172,10 @@ class Trainer:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
         self.train_data = aligned_fields(train_data, "train_data", self.device)
         self.valid_data = aligned_fields(valid_data, "valid_data", self.device)
+        if config.labels is not None:  # semi-supervised: all but a balanced few labels hidden (y = UNLABELLED)
+            if "y" not in self.train_data:
+                raise ValueError(f"labels={config.labels} keeps some training labels, but the training data have none")
+            self.train_data["y"] = partly_labelled(self.train_data["y"], config.labels, config.seed)
         n = len(self.train_data["x"])
         self.data_shape = tuple(self.train_data["x"].shape[1:])
         self.batch_size = min(config.batch_size, n)
@@ -182,6 +198,7 @@ class Trainer:
             missing = [key for key in self.fields if data is not None and key not in data]
             if missing:
                 raise ValueError(f"the model reads {', '.join(missing)}, which {name} does not hold")
+        self._labelled_split()
         # Values are checked once here, not on every batch (the steps then run inside estimators.trusted_data()).
         first = {key: self.train_data[key][:1].to(self.device) for key in self.fields}
         support, support_name = data_support(bind(self.model, first), as_float(first["x"])), None
@@ -218,6 +235,7 @@ class Trainer:
         self._count = 0
         self._stop: str | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
+        self._pass_perms: dict[tuple[int, int], torch.Tensor] = {}  # the labelled sampler's current permutations
         if resume_from is not None:
             self._restore(resume_from, loaded)
 
@@ -265,16 +283,79 @@ class Trainer:
         return directory
 
     # --- one step --------------------------------------------------------------------------------------------------
+    def _labelled_split(self) -> None:
+        """Set up the labelled sampler, for a model that states ``labelled_share`` (the share of every batch drawn
+        from the labelled rows) trained on data where some rows of ``y`` are :data:`~vaelab.data.UNLABELLED`.
+
+        Drawn uniformly, a batch would rarely hold a labelled row (100 labels among 50,000 images: one batch of 100
+        in five has one). So each batch takes ``m`` rows from the labelled pool and ``B - m`` from the unlabelled
+        one, ``m = round(share * B)`` (at least 1, at most B - 1), and each row carries the importance weight
+        ``weight = (its pool's share of the data) / (its pool's share of the batch)``, with which the batch mean of a
+        per-row quantity stays an unbiased estimate of its mean over the training set."""
+        self._pools: tuple[torch.Tensor, torch.Tensor] | None = None
+        share = getattr(self.model, "labelled_share", None)
+        if self.config.labels is not None and share is None:
+            raise ValueError(f"{type(self.model).__name__} does not train on partly labelled data (no labelled_share)")
+        if share is None or "y" not in self.train_data:
+            return
+        if not 0 < share < 1:
+            raise ValueError(f"{type(self.model).__name__}.labelled_share must be in (0, 1), got {share!r}")
+        if not callable(getattr(self.model, "training_objective", None)):  # the one reader of batch["weight"]
+            raise ValueError(
+                f"{type(self.model).__name__} has a labelled_share but no training_objective to weigh rows"
+            )
+        y = self.train_data["y"].cpu()
+        labelled, unlabelled = (y != UNLABELLED).nonzero()[:, 0], (y == UNLABELLED).nonzero()[:, 0]
+        if len(labelled) == 0:
+            raise ValueError(
+                "the training data hold no labelled row (every y is -1): nothing to learn the classes from"
+            )
+        if len(unlabelled) == 0:  # fully labelled: uniform batches already hold labelled rows
+            return
+        if self.batch_size < 2:
+            raise ValueError("a batch of labelled and unlabelled rows needs batch_size >= 2")
+        m = min(max(round(share * self.batch_size), 1), self.batch_size - 1)
+        n = len(y)
+        weights = (len(labelled) / n) / (m / self.batch_size), (len(unlabelled) / n) / (1 - m / self.batch_size)
+        self._pools = (labelled, unlabelled)
+        self._pool_rows = (m, self.batch_size - m)
+        self._pool_weights = torch.tensor([weights[0]] * m + [weights[1]] * (self.batch_size - m))
+
+    def _stream(self, pool: int, step: int) -> torch.Tensor:
+        """The rows pool ``pool`` gives batch ``step``: positions ``step * m ... step * m + m - 1`` of an endless
+        sequence of permutations of the pool, pass p's drawn from a generator seeded with (seed, pool, p). A pure
+        function of (seed, step), as the uniform batches are: exact resume needs no sampler state."""
+        rows, count = self._pools[pool], self._pool_rows[pool]
+        position = torch.arange(step * count, (step + 1) * count)
+        passes = position // len(rows)
+        out = torch.empty(count, dtype=torch.int64)
+        for p in passes.unique().tolist():
+            key = (pool, p)
+            if key not in self._pass_perms:
+                g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + p + ((pool + 1) << 60))
+                self._pass_perms = {k: v for k, v in self._pass_perms.items() if k[0] != pool or k[1] >= p - 1}
+                self._pass_perms[key] = torch.randperm(len(rows), generator=g)
+            here = passes == p
+            out[here] = rows[self._pass_perms[key][position[here] % len(rows)]]
+        return out
+
     def _batch(self, step: int) -> dict[str, torch.Tensor]:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.train_data["x"]), generator=g).to(self.device))
-        idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's
+        if self._pools is not None:  # labelled rows first, then unlabelled ones, each with its weight
+            idx = torch.cat([self._stream(0, step), self._stream(1, step)]).to(self.device)[self.rank :: self.world]
+            weight = self._pool_weights[self.rank :: self.world].to(self.device)
+        else:
+            epoch, i = divmod(step, self.steps_per_epoch)
+            if self._perm is None or self._perm[0] != epoch:
+                g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+                self._perm = (epoch, torch.randperm(len(self.train_data["x"]), generator=g).to(self.device))
+            idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's
+            weight = None
         # x and the context the model asks for (other fields stay unread); index_select: the rows data[idx], faster;
         # .to: a no-op but for a memory-mapped source (data.MappedRows), read on the host
         batch = {key: self.train_data[key].index_select(0, idx).to(self.device) for key in self.fields}
         batch["x"] = as_float(batch["x"])  # 8-bit data become float here, unbinarized
+        if weight is not None:
+            batch["weight"] = weight.to(batch["x"].dtype)
         return batch
 
     def bind(self, batch: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -287,7 +368,9 @@ class Trainer:
 
         A model with its own training rule (``model.training_objective(batch, objective, **options)``, e.g. a
         classifier or a semi-supervised model that sums the objective over the classes) gets the whole batch and
-        the config's objective; every other model is trained on ``objective(bind(model, batch), x, ...)``."""
+        the config's objective; every other model is trained on ``objective(bind(model, batch), x, ...)``. Batches
+        of the labelled sampler (:meth:`_labelled_split`) also hold ``weight [B]``, each row's importance weight,
+        which the model's training_objective applies to its per-row bound terms."""
         x = batch["x"] if bits is None else binarize_with_bits(batch["x"], bits)
         options = dict(k=self.config.k, **sched, **self.objective_options)
         own = getattr(self.model, "training_objective", None)

@@ -1,0 +1,301 @@
+"""Semi-supervised learning with a deep generative model: M2 of Kingma, Rezende, Mohamed & Welling (2014), "Semi-
+supervised learning with deep generative models", sec. 2.2 and 3.1.2.
+
+The model: p(y) = Cat(1/C), p(z) (the config's prior, N(0, I) by default), p(x | y, z) a decoder on [z, onehot y].
+Inference: q(z | x, y) an encoder on [x, onehot y], and q(y | x) = Cat(softmax(MLP(x))), the classifier.
+
+Per example, with L(x, y) = -ELBO(x, y) - log p(y) the negative bound on log p(x, y):
+
+* labelled rows:   L(x, y) + (the classification term, below);
+* unlabelled rows: U(x) = sum_y q(y|x) L(x, y) - H(q(y|x)), the negative bound on log p(x), summed exactly over the
+  C classes (the C copies of the batch go through the objective at once).
+
+and the classification term alpha * (-log q(y|x)) on labelled rows, alpha = ``alpha_scale`` * N / N_labelled with
+alpha_scale = 0.1: the paper's alpha = 0.1 N on E_labelled[-log q(y|x)], spread over the N_labelled labelled
+examples. The ELBO(x, y) is the config's objective (``elbo``, ``iwae``, ...) on the model given y
+(:meth:`M2.given`): no bound is written here.
+
+Batches hold a fixed share of labelled rows (``labelled_share``, 0.5; the Trainer's labelled sampler, see
+:meth:`vaelab.train.Trainer._labelled_split`), and the loss is the plain batch mean of the rows' terms: labelled rows
+weigh as much as unlabelled ones, far more than their share of the data (100 of 50,000). This is the minibatch form
+of common implementations (e.g. Pyro's SS-VAE tutorial and semi-supervised-pytorch), not an unbiased estimate of the
+paper's J^alpha / N: reweighted by the sampler's importance weights, the labelled rows' ELBO terms would weigh
+N_labelled / N and the classifier, trained mostly through U(x), stays at chance on this project's tiny labelled test
+data. N_labelled / N is read from the labelled rows' importance weight ``batch["weight"]`` (see the sampler), 1
+without it (every row labelled).
+
+In ``vaelab eval`` M2 is a classifier: ``classify(x)`` is q(y|x), and the error rate, NLL and calibration of the test
+labels are printed; no label is needed to predict. ``given(y=...)`` is the conditional VAE p(x, z | y) with the
+estimators' interface, for log p(x | y) bounds through the unchanged estimators.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Categorical, Distribution
+
+from vaelab.data import UNLABELLED
+from vaelab.estimators import elbo_parts
+from vaelab.likelihoods import LIKELIHOODS, Likelihood
+from vaelab.models import refuse_unused, register_model
+from vaelab.nets import MLP
+from vaelab.objectives import ObjectiveOutput
+from vaelab.posteriors import POSTERIORS, DiagonalGaussian
+from vaelab.priors import PRIORS
+
+if TYPE_CHECKING:
+    from vaelab.config import TrainConfig
+
+ALPHA_SCALE = 0.1  # alpha = 0.1 N (sec. 3.1.2, "In all experiments, alpha = 0.1 N"), per labelled example 0.1 N / N_l
+LABELLED_SHARE = 0.5  # the share of every training batch drawn from the labelled rows
+
+
+def _check_options(classes: object, alpha_scale: object, labelled_share: object) -> None:
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+        raise ValueError(f"classes must be an integer >= 2, got {classes!r}")
+    a = alpha_scale
+    if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0:
+        raise ValueError(f"alpha_scale must be a finite number >= 0, got {a!r}")
+    if isinstance(labelled_share, bool) or not isinstance(labelled_share, int | float) or not 0 < labelled_share < 1:
+        raise ValueError(f"labelled_share must be a number in (0, 1), got {labelled_share!r}")
+
+
+@register_model("m2")
+class M2(nn.Module):
+    """M2: p(y) p(z) p(x | y, z) with q(z | x, y) and the classifier q(y | x) (Kingma et al., 2014).
+
+    Batches hold ``x [B, *data_shape]`` and ``y [B]`` (a class, or :data:`~vaelab.data.UNLABELLED` = -1), and, from
+    the Trainer's labelled sampler, ``weight [B]``.
+
+    Args:
+        classes: C.
+        prior: p(z) module (:mod:`vaelab.priors`), latent size d.
+        encoder: ``[B, D + C] -> [B, 2d]``: q(z | x, y)'s parameters from the flattened x and onehot y.
+        decoder: ``[N, d + C] -> [N, *data_shape]``: p(x | y, z)'s parameters.
+        likelihood: turns decoder outputs into p(x | y, z).
+        classifier: ``x [B, *data_shape] -> [B, C]`` logits of q(y | x).
+        posterior: head turning encoder outputs into q(z | x, y); default diagonal Gaussian.
+        alpha_scale: alpha / (N / N_labelled), the weight of a labelled row's -log q(y|x) (0.1: the paper's).
+        labelled_share: share of each training batch drawn from the labelled rows.
+    """
+
+    targets = ("y",)  # the Trainer hands the labels (-1: hidden) to training_objective and validation_scores
+    labelled_share = LABELLED_SHARE
+
+    def __init__(
+        self,
+        *,
+        classes: int,
+        prior: nn.Module,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: Likelihood,
+        classifier: nn.Module,
+        posterior: nn.Module | None = None,
+        alpha_scale: float = ALPHA_SCALE,
+        labelled_share: float = LABELLED_SHARE,
+    ):
+        super().__init__()
+        _check_options(classes, alpha_scale, labelled_share)
+        self.classes, self.alpha_scale, self.labelled_share = classes, float(alpha_scale), float(labelled_share)
+        self.prior_module = prior
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.classifier = classifier
+        self.posterior = posterior if posterior is not None else DiagonalGaussian()
+        self.latent_dim = int(prior.latent_dim)
+        self.data_shape = likelihood.data_shape
+        self.data_support = likelihood.support
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        """M2's three networks are MLPs (on [x, onehot y], [z, onehot y] and x): other architectures are refused;
+        ``architecture_options`` (``hidden``, ``activation``) set all three. The ``model_options`` values are
+        checked here too (``classes``, ``alpha_scale``, ``labelled_share``)."""
+        refuse_unused(
+            config,
+            "m2",
+            {"architecture": "its networks are MLPs on [x, onehot y], [z, onehot y] and x; size them with "
+             "architecture_options"},
+        )  # fmt: skip
+        options = {"classes": 10, "alpha_scale": ALPHA_SCALE, "labelled_share": LABELLED_SHARE, **config.model_options}
+        _check_options(**options)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: TrainConfig,
+        data_shape: Sequence[int],
+        *,
+        classes: int = 10,
+        alpha_scale: float = ALPHA_SCALE,
+        labelled_share: float = LABELLED_SHARE,
+    ) -> M2:
+        """M2 as ``config`` describes it: the MLPs' ``hidden`` widths and ``activation`` from
+        ``architecture_options`` (defaults those of the ``mlp`` architecture), each part's registry entry as named.
+
+        Args (``model_options``): classes (C, default 10), alpha_scale (default 0.1, the paper's), labelled_share
+        (default 0.5)."""
+        shape = torch.Size(data_shape)
+        _check_options(classes, alpha_scale, labelled_share)
+        options = {"hidden": (512, 256), "activation": "tanh", **config.architecture_options}
+        hidden, activation = tuple(options["hidden"]), options["activation"]
+        d, pixels = config.latent_dim, shape.numel()
+        return cls(
+            classes=classes,
+            prior=PRIORS[config.prior](d, **config.prior_options),
+            encoder=MLP(pixels + classes, hidden, 2 * d, activation),
+            decoder=MLP(d + classes, tuple(reversed(hidden)), shape, activation),
+            likelihood=LIKELIHOODS[config.likelihood](shape, **config.likelihood_options),
+            classifier=MLP(pixels, hidden, classes, activation),
+            posterior=POSTERIORS[config.posterior](**config.posterior_options),
+            alpha_scale=alpha_scale,
+            labelled_share=labelled_share,
+        )
+
+    @property
+    def output_net(self) -> nn.Module:
+        """The network whose last layer produces the likelihood's parameters (started at the data mean)."""
+        return self.decoder
+
+    # --- the two halves: q(y|x), and the conditional VAE given y --------------------------------------------------
+    def classify(self, x: torch.Tensor) -> Categorical:
+        """q(y | x): batch ``[B]`` over the C classes."""
+        return Categorical(logits=self.classifier(x), validate_args=False)
+
+    def given(self, y: torch.Tensor) -> GivenLabels:
+        """The model p(x, z | y) for the labels ``y [B]`` (classes, not -1), with the estimators' interface."""
+        return GivenLabels(self, y)
+
+    # --- training and validation ---------------------------------------------------------------------------------
+    def _enumerated(self, x: torch.Tensor, run) -> tuple[torch.Tensor, ...]:
+        """``run(view, x_rep)`` on the C copies of ``x [U, ...]``, the c-th given y = c; its outputs ``[C * U]`` (class
+        major) reshaped to ``[C, U]``. One batch of C * U rows through the objective: no loop over classes."""
+        count = len(x)
+        x_rep = x.repeat(self.classes, *([1] * (x.ndim - 1)))  # (C * U, ...), class-major
+        y_rep = torch.arange(self.classes, device=x.device).repeat_interleave(count)  # (C * U,)
+        return tuple(None if v is None else v.reshape(self.classes, count) for v in run(self.given(y_rep), x_rep))
+
+    def training_objective(self, batch: Mapping[str, torch.Tensor], objective, **options) -> ObjectiveOutput:
+        """The per-row loss ``[B]`` (see the module docstring): ``L(x, y) + alpha * (-log q(y|x))`` on labelled rows,
+        ``U(x)`` on unlabelled rows, alpha = alpha_scale * N / N_labelled.
+
+        ``elbo`` is the bound of each row, detached: on log p(x, y) for a labelled row, on log p(x) for an unlabelled
+        one; ``recon`` and ``kl`` split it (``kl`` includes KL(q(y|x) || p(y))) where the objective splits its
+        ELBO. ``objective`` and ``options`` are the config's (k, beta, form, ...)."""
+        x, y = batch["x"], batch["y"]
+        self._check_labels(y)
+        log_py = -math.log(self.classes)  # uniform p(y)
+        log_q = self.classifier(x).log_softmax(-1)  # (B, C)
+        rows, loss, elbo, recon, kl = [], [], [], [], []
+        labelled = (y != UNLABELLED).nonzero()[:, 0]
+        unlabelled = (y == UNLABELLED).nonzero()[:, 0]
+        if len(labelled):
+            yl = y[labelled]
+            out = objective(self.given(yl), x[labelled], **options)
+            nll_y = -log_q[labelled].gather(1, yl[:, None])[:, 0]  # -log q(y|x), (B_l,)
+            rows.append(labelled)
+            loss.append(out.loss - log_py + self.alpha(batch) * nll_y)
+            elbo.append(out.elbo + log_py)
+            recon.append(out.recon)
+            kl.append(None if out.kl is None else out.kl - log_py)
+        if len(unlabelled):
+            xu, lq = x[unlabelled], log_q[unlabelled].T  # (U, ...), (C, U)
+            c_loss, c_elbo, c_recon, c_kl = self._enumerated(
+                xu, lambda view, xr: _fields(objective(view, xr, **options))
+            )
+            q = lq.exp()  # (C, U)
+            entropy = -(q * lq).sum(0)  # H(q(y|x)), (U,)
+            rows.append(unlabelled)
+            loss.append((q * (c_loss - log_py)).sum(0) - entropy)
+            qd, hd = q.detach(), entropy.detach()
+            elbo.append((qd * (c_elbo + log_py)).sum(0) + hd)
+            recon.append(None if c_recon is None else (qd * c_recon).sum(0))
+            kl.append(None if c_kl is None else (qd * c_kl).sum(0) - hd - log_py)
+        order = torch.cat(rows)
+
+        def assemble(parts):  # rows back in batch order
+            if any(p is None for p in parts):
+                return None
+            return parts[0].new_empty(len(x)).index_copy(0, order, torch.cat(parts))
+
+        return ObjectiveOutput(loss=assemble(loss), elbo=assemble(elbo), recon=assemble(recon), kl=assemble(kl))
+
+    def alpha(self, batch: Mapping[str, torch.Tensor]) -> float:
+        """alpha = alpha_scale * N / N_labelled, N_labelled / N from the labelled rows' importance weight
+        (:meth:`vaelab.train.Trainer._labelled_split`: weight = (N_labelled / N) / (B_labelled / B)); without
+        weights every row is labelled: alpha = alpha_scale."""
+        weight = batch.get("weight")
+        labelled = batch["y"] != UNLABELLED
+        if weight is None or not bool(labelled.any()):
+            return self.alpha_scale
+        fraction = float(weight[labelled][0]) * float(labelled.double().mean())  # N_labelled / N
+        return self.alpha_scale / fraction
+
+    def marginal_bound(self, x: torch.Tensor, *, k: int = 1, form: str = "kl") -> torch.Tensor:
+        """-U(x) ``[B]``, the ELBO of log p(x) with y summed out exactly: sum_y q(y|x) (ELBO(x, y) + log p(y)) +
+        H(q(y|x)), each ELBO(x, y) from ``k`` samples in ``form``."""
+        log_q = self.classify(x).logits.log_softmax(-1).T  # (C, B)
+        (elbo,) = self._enumerated(x, lambda view, xr: (elbo_parts(view, xr, k=k, form=form).elbo,))
+        q = log_q.exp()
+        return (q * (elbo - math.log(self.classes))).sum(0) - (q * log_q).sum(0)
+
+    def validation_scores(self, batch: Mapping[str, torch.Tensor], *, k: int, form: str) -> dict[str, torch.Tensor]:
+        """``elbo``: the bound on log p(x) of every row (:meth:`marginal_bound`, 1 sample per class; no label used),
+        and ``accuracy``: 1 or 0 per labelled row, whether q(y|x)'s most probable class is its label. (``k``, the
+        validation IWAE's sample count, is not used: the bound here is the 1-sample ELBO.)"""
+        x = batch["x"]
+        scores = {"elbo": self.marginal_bound(x, k=1, form=form)}
+        y = batch.get("y")
+        if y is not None:
+            self._check_labels(y)
+            labelled = y != UNLABELLED
+            predicted = self.classify(x[labelled]).logits.argmax(-1)
+            scores["accuracy"] = (predicted == y[labelled]).to(x.dtype)
+        return scores
+
+    def _check_labels(self, y: torch.Tensor) -> None:
+        if y.ndim != 1 or y.is_floating_point():
+            raise ValueError(f"y must be integer labels [B], got {y.dtype} of shape {tuple(y.shape)}")
+        if len(y) and (int(y.min()) < UNLABELLED or int(y.max()) >= self.classes):
+            raise ValueError(
+                f"labels must be classes 0..{self.classes - 1} or {UNLABELLED} (unlabelled), got "
+                f"{int(y.min())}..{int(y.max())}: set model_options classes"
+            )
+
+
+def _fields(out: ObjectiveOutput) -> tuple[torch.Tensor | None, ...]:
+    return out.loss, out.elbo, out.recon, out.kl
+
+
+class GivenLabels:
+    """:class:`M2` given the labels ``y [B]``: p(z), q(z | x, y), p(x | y, z) with the estimators' interface (the
+    prior does not depend on y: batch ``[]``)."""
+
+    def __init__(self, model: M2, y: torch.Tensor):
+        if y.ndim != 1 or y.is_floating_point() or (len(y) and (int(y.min()) < 0 or int(y.max()) >= model.classes)):
+            raise ValueError(f"given(y=...) takes classes 0..{model.classes - 1} as [B] integers")
+        self.model = model
+        dtype = model.decoder.output_layer.weight.dtype
+        self.onehot = F.one_hot(y, model.classes).to(dtype)  # (B, C)
+        self.latent_dim, self.data_shape, self.data_support = model.latent_dim, model.data_shape, model.data_support
+
+    @property
+    def prior(self) -> Distribution:
+        return self.model.prior_module()
+
+    def encode(self, x: torch.Tensor) -> Distribution:
+        return self.model.posterior(self.model.encoder(torch.cat([x.flatten(1), self.onehot], -1)))
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        lead = z.shape[:-1]  # (*S, B)
+        inputs = torch.cat([z, self.onehot.expand(*lead, -1)], -1)  # (*S, B, d + C)
+        params = self.model.decoder(inputs.reshape(-1, inputs.shape[-1]))
+        return self.model.likelihood(params.reshape(*lead, *self.data_shape))
