@@ -27,6 +27,7 @@ import torch
 
 from vaelab.data import (
     DATASETS,
+    UNLABELLED,
     DataError,
     MappedRows,
     Splits,
@@ -36,8 +37,10 @@ from vaelab.data import (
     binarize_with_bits,
     download_dataset,
     find_dataset,
+    label_subset,
     load_dataset,
     mean_example,
+    partly_labelled,
     random_bits,
     read_idx,
     split_indices,
@@ -764,3 +767,49 @@ def test_mean_example_of_a_memory_mapped_split(tmp_path, dtype):
     got = mean_example(splits.train).double()
     # float32 sums of 250 rows, each within rounding of the float64 mean (vaelab.tolerance)
     assert ((got - rows.mean(0)).abs() <= reduction_error_bound(rows.abs().mean(0), 250 + 2, torch.float32)).all()
+
+
+# --- semi-supervised label subsets ------------------------------------------------------------------------------------
+def _labels(n: int = 500, classes: int = 10, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_label_subset_is_balanced_sorted_and_reproducible_from_the_seed():
+    labels = _labels()
+    subset = label_subset(labels, 100, seed=3)
+    assert subset.dtype == torch.int64 and len(subset) == 100 and len(subset.unique()) == 100
+    assert torch.equal(subset, subset.sort().values)
+    assert torch.bincount(labels[subset], minlength=10).tolist() == [10] * 10
+    assert torch.equal(subset, label_subset(labels.clone(), 100, seed=3))  # the same seed: the same examples
+    assert not torch.equal(subset, label_subset(labels, 100, seed=4))  # another seed: others
+    # an MNIST-sized draw: 10 of each digit out of 50,000
+    big = _labels(50_000, seed=1)
+    assert torch.bincount(big[label_subset(big, 100, seed=0)]).tolist() == [10] * 10
+
+
+def test_partly_labelled_hides_all_but_the_subset():
+    labels = _labels()
+    y = partly_labelled(labels, 20, seed=1)
+    kept = (y != UNLABELLED).nonzero()[:, 0]
+    assert UNLABELLED == -1 and torch.equal(kept, label_subset(labels, 20, seed=1))
+    assert torch.equal(y[kept], labels[kept]) and int((y == UNLABELLED).sum()) == 480
+
+
+@pytest.mark.parametrize(
+    ("n", "message"),
+    [
+        (15, "15 labelled examples cannot be balanced over the 10 classes: pass a multiple of 10"),
+        (0, "must be an integer >= 1, got 0"),
+        (True, "must be an integer >= 1, got True"),
+        (600, "600 labelled examples need 60 of each class, but class"),
+    ],
+)
+def test_label_subset_refuses_bad_counts_in_one_line(n, message):
+    with pytest.raises(ValueError, match=None) as err:
+        label_subset(_labels(), n, seed=0)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_label_subset_refuses_labels_already_hidden():
+    with pytest.raises(ValueError, match="already partly unlabelled"):
+        label_subset(partly_labelled(_labels(), 10, seed=0), 10)
