@@ -33,12 +33,6 @@ if TYPE_CHECKING:
     from vaelab.config import TrainConfig
 
 
-def check_classes(config: TrainConfig, model: str) -> None:
-    """Raise ``ValueError`` unless ``config.classes`` is at least 2 (one class predicts nothing)."""
-    if config.classes < 2:
-        raise ValueError(f"the {model!r} model needs classes >= 2, got classes={config.classes!r}")
-
-
 @register_model("classifier")
 class Classifier(nn.Module):
     """p(y|x) = Categorical(logits = MLP(flatten(x))), y in 0..classes-1.
@@ -71,7 +65,8 @@ class Classifier(nn.Module):
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:
         """Refuse the fields of a latent-variable model, which a classifier does not have."""
-        check_classes(config, "classifier")
+        if config.classes < 2:
+            raise ValueError(f"the 'classifier' model needs classes >= 2, got classes={config.classes!r}")
         latent = "a classifier has no latent variables"
         refuse_unused(
             config,

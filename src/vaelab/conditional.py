@@ -34,7 +34,6 @@ from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
 
 from vaelab._math import inverse_softplus, positive_scale
-from vaelab.classifier import check_classes
 from vaelab.estimators import log_marginal
 from vaelab.likelihoods import LIKELIHOODS, Likelihood
 from vaelab.models import bind, register_model
@@ -141,7 +140,8 @@ class ConditionalVAE(nn.Module):
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:
         """Refuse a prior with no per-class form, an architecture that cannot take the one-hot label, classes < 2."""
-        check_classes(config, "cvae")
+        if config.classes < 2:
+            raise ValueError(f"the 'cvae' model needs classes >= 2, got classes={config.classes!r}")
         if config.prior not in CLASS_PRIORS:
             raise ValueError(
                 f"the 'cvae' model's p(z|y) is one of {', '.join(CLASS_PRIORS)} (learned-gaussian: one Gaussian per "
