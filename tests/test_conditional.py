@@ -22,7 +22,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, constra
 
 from vaelab.conditional import ConditionalVAE, class_log_likelihoods, generative_log_probs
 from vaelab.config import TrainConfig, build_model
-from vaelab.estimators import elbo_integrands, elbo_parts, log_marginal
+from vaelab.estimators import elbo_integrands, elbo_parts, log_marginal, pareto_k_threshold
 from vaelab.evaluate import class_log_probs
 from vaelab.models import LinearGaussian, bind
 from vaelab.tolerance import assert_within_stderr
@@ -128,7 +128,10 @@ def test_estimators_of_log_p_x_given_y_agree_with_the_exact_value_within_their_s
         integrands = elbo_integrands(view, x, k=4000)
     assert bool((importance.stderr > 0).all())
     assert_within_stderr(importance.value, exact, importance.stderr, "importance-sampled log p(x|y)")
-    assert_within_stderr(naive.value, exact, naive.stderr, "naive Monte Carlo log p(x|y)")
+    # naive Monte Carlo's stderr means something only where its weights' tail is light (the Pareto k-hat says where)
+    reliable = naive.pareto_k < pareto_k_threshold(naive.k)
+    assert int(reliable.sum()) >= 6, naive.pareto_k
+    assert_within_stderr(naive.value[reliable], exact[reliable], naive.stderr[reliable], "naive log p(x|y)")
     for form, values in integrands.items():
         mean, stderr = values.mean(0), values.std(0) / math.sqrt(len(values))
         assert_within_stderr(mean, exact_elbo, stderr, f"{form} ELBO")
