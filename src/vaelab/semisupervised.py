@@ -2,7 +2,8 @@
 supervised learning with deep generative models", sec. 2.2 and 3.1.2.
 
 The model: p(y) = Cat(1/C), p(z) (the config's prior, N(0, I) by default), p(x | y, z) a decoder on [z, onehot y].
-Inference: q(z | x, y) an encoder on [x, onehot y], and q(y | x) = Cat(softmax(MLP(x))), the classifier.
+Inference: q(z | x, y) an encoder on [x, onehot y], and q(y | x) = Cat(softmax(MLP(x))), the classifier. The first
+three are the ``cvae`` family's :class:`~vaelab.conditional.ConditionalVAE` (one code path for p(x, z | y)).
 
 Per example, with L(x, y) = -ELBO(x, y) - log p(y) the negative bound on log p(x, y):
 
@@ -36,18 +37,15 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Categorical, Distribution
+from torch.distributions import Categorical
 
+from vaelab.conditional import ConditionalVAE, GivenLabels
 from vaelab.data import UNLABELLED
 from vaelab.estimators import elbo_parts
-from vaelab.likelihoods import LIKELIHOODS, Likelihood
-from vaelab.models import refuse_unused, register_model
+from vaelab.models import register_model
 from vaelab.nets import MLP
 from vaelab.objectives import ObjectiveOutput
-from vaelab.posteriors import POSTERIORS, DiagonalGaussian
-from vaelab.priors import PRIORS
 
 if TYPE_CHECKING:
     from vaelab.config import TrainConfig
@@ -56,9 +54,7 @@ ALPHA_SCALE = 0.1  # alpha = 0.1 N (sec. 3.1.2, "In all experiments, alpha = 0.1
 LABELLED_SHARE = 0.5  # the share of every training batch drawn from the labelled rows
 
 
-def _check_options(classes: object, alpha_scale: object, labelled_share: object) -> None:
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
-        raise ValueError(f"classes must be an integer >= 2, got {classes!r}")
+def _check_options(alpha_scale: object, labelled_share: object) -> None:
     a = alpha_scale
     if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0:
         raise ValueError(f"alpha_scale must be a finite number >= 0, got {a!r}")
@@ -68,19 +64,19 @@ def _check_options(classes: object, alpha_scale: object, labelled_share: object)
 
 @register_model("m2")
 class M2(nn.Module):
-    """M2: p(y) p(z) p(x | y, z) with q(z | x, y) and the classifier q(y | x) (Kingma et al., 2014).
+    """M2: p(y) p(z|y) p(x | y, z) with q(z | x, y) and the classifier q(y | x) (Kingma et al., 2014).
+
+    The generative part and q(z | x, y) are a :class:`~vaelab.conditional.ConditionalVAE` (``generative``: one code
+    path for p(x, z | y), shared with the ``cvae`` family; p(z|y) = p(z) with the default prior); M2 adds the
+    classifier q(y | x) and the semi-supervised objective. It does not name ``context``: nothing it predicts needs a
+    label, and the labels it trains on come as ``targets`` (-1 where hidden).
 
     Batches hold ``x [B, *data_shape]`` and ``y [B]`` (a class, or :data:`~vaelab.data.UNLABELLED` = -1), and, from
     the Trainer's labelled sampler, ``weight [B]``.
 
     Args:
-        classes: C.
-        prior: p(z) module (:mod:`vaelab.priors`), latent size d.
-        encoder: ``[B, D + C] -> [B, 2d]``: q(z | x, y)'s parameters from the flattened x and onehot y.
-        decoder: ``[N, d + C] -> [N, *data_shape]``: p(x | y, z)'s parameters.
-        likelihood: turns decoder outputs into p(x | y, z).
+        generative: the conditional VAE p(x, z | y), q(z | x, y); its ``classes`` is C.
         classifier: ``x [B, *data_shape] -> [B, C]`` logits of q(y | x).
-        posterior: head turning encoder outputs into q(z | x, y); default diagonal Gaussian.
         alpha_scale: alpha / (N / N_labelled), the weight of a labelled row's -log q(y|x) (0.1: the paper's).
         labelled_share: share of each training batch drawn from the labelled rows.
     """
@@ -91,42 +87,24 @@ class M2(nn.Module):
     def __init__(
         self,
         *,
-        classes: int,
-        prior: nn.Module,
-        encoder: nn.Module,
-        decoder: nn.Module,
-        likelihood: Likelihood,
+        generative: ConditionalVAE,
         classifier: nn.Module,
-        posterior: nn.Module | None = None,
         alpha_scale: float = ALPHA_SCALE,
         labelled_share: float = LABELLED_SHARE,
     ):
         super().__init__()
-        _check_options(classes, alpha_scale, labelled_share)
-        self.classes, self.alpha_scale, self.labelled_share = classes, float(alpha_scale), float(labelled_share)
-        self.prior_module = prior
-        self.encoder = encoder
-        self.decoder = decoder
-        self.likelihood = likelihood
-        self.classifier = classifier
-        self.posterior = posterior if posterior is not None else DiagonalGaussian()
-        self.latent_dim = int(prior.latent_dim)
-        self.data_shape = likelihood.data_shape
-        self.data_support = likelihood.support
+        _check_options(alpha_scale, labelled_share)
+        self.generative, self.classifier = generative, classifier
+        self.classes, self.alpha_scale, self.labelled_share = generative.classes, float(alpha_scale), labelled_share
+        self.latent_dim, self.data_shape = generative.latent_dim, generative.data_shape
+        self.data_support = generative.data_support
 
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:
-        """M2's three networks are MLPs (on [x, onehot y], [z, onehot y] and x): other architectures are refused;
-        ``architecture_options`` (``hidden``, ``activation``) set all three. The ``model_options`` values are
-        checked here too (``classes``, ``alpha_scale``, ``labelled_share``)."""
-        refuse_unused(
-            config,
-            "m2",
-            {"architecture": "its networks are MLPs on [x, onehot y], [z, onehot y] and x; size them with "
-             "architecture_options"},
-        )  # fmt: skip
-        options = {"classes": 10, "alpha_scale": ALPHA_SCALE, "labelled_share": LABELLED_SHARE, **config.model_options}
-        _check_options(**options)
+        """What the ``cvae`` family refuses (a prior with no per-class form, an architecture that cannot take the
+        one-hot label, classes < 2), and bad ``model_options`` values (``alpha_scale``, ``labelled_share``)."""
+        ConditionalVAE.check_config(config)
+        _check_options(**{"alpha_scale": ALPHA_SCALE, "labelled_share": LABELLED_SHARE, **config.model_options})
 
     @classmethod
     def from_config(
@@ -134,28 +112,19 @@ class M2(nn.Module):
         config: TrainConfig,
         data_shape: Sequence[int],
         *,
-        classes: int = 10,
         alpha_scale: float = ALPHA_SCALE,
         labelled_share: float = LABELLED_SHARE,
     ) -> M2:
-        """M2 as ``config`` describes it: the MLPs' ``hidden`` widths and ``activation`` from
-        ``architecture_options`` (defaults those of the ``mlp`` architecture), each part's registry entry as named.
+        """M2 as ``config`` describes it: the cvae of ``config`` (``classes``, architecture, prior, posterior,
+        likelihood), and an MLP classifier with the architecture's ``hidden`` widths and ``activation`` (defaults
+        those of the ``mlp`` architecture).
 
-        Args (``model_options``): classes (C, default 10), alpha_scale (default 0.1, the paper's), labelled_share
-        (default 0.5)."""
+        Args (``model_options``): alpha_scale (default 0.1, the paper's), labelled_share (default 0.5)."""
         shape = torch.Size(data_shape)
-        _check_options(classes, alpha_scale, labelled_share)
         options = {"hidden": (512, 256), "activation": "tanh", **config.architecture_options}
-        hidden, activation = tuple(options["hidden"]), options["activation"]
-        d, pixels = config.latent_dim, shape.numel()
         return cls(
-            classes=classes,
-            prior=PRIORS[config.prior](d, **config.prior_options),
-            encoder=MLP(pixels + classes, hidden, 2 * d, activation),
-            decoder=MLP(d + classes, tuple(reversed(hidden)), shape, activation),
-            likelihood=LIKELIHOODS[config.likelihood](shape, **config.likelihood_options),
-            classifier=MLP(pixels, hidden, classes, activation),
-            posterior=POSTERIORS[config.posterior](**config.posterior_options),
+            generative=ConditionalVAE.from_config(config, shape),
+            classifier=MLP(shape.numel(), tuple(options["hidden"]), config.classes, options["activation"]),
             alpha_scale=alpha_scale,
             labelled_share=labelled_share,
         )
@@ -163,7 +132,7 @@ class M2(nn.Module):
     @property
     def output_net(self) -> nn.Module:
         """The network whose last layer produces the likelihood's parameters (started at the data mean)."""
-        return self.decoder
+        return self.generative.decoder
 
     # --- the two halves: q(y|x), and the conditional VAE given y --------------------------------------------------
     def classify(self, x: torch.Tensor) -> Categorical:
@@ -171,8 +140,9 @@ class M2(nn.Module):
         return Categorical(logits=self.classifier(x), validate_args=False)
 
     def given(self, y: torch.Tensor) -> GivenLabels:
-        """The model p(x, z | y) for the labels ``y [B]`` (classes, not -1), with the estimators' interface."""
-        return GivenLabels(self, y)
+        """The model p(x, z | y) for the labels ``y [B]`` (classes, not -1), with the estimators' interface: the
+        conditional VAE's (:meth:`vaelab.conditional.ConditionalVAE.given`)."""
+        return self.generative.given(y)
 
     # --- training and validation ---------------------------------------------------------------------------------
     def _enumerated(self, x: torch.Tensor, run) -> tuple[torch.Tensor, ...]:
@@ -267,35 +237,9 @@ class M2(nn.Module):
         if len(y) and (int(y.min()) < UNLABELLED or int(y.max()) >= self.classes):
             raise ValueError(
                 f"labels must be classes 0..{self.classes - 1} or {UNLABELLED} (unlabelled), got "
-                f"{int(y.min())}..{int(y.max())}: set model_options classes"
+                f"{int(y.min())}..{int(y.max())}: set classes"
             )
 
 
 def _fields(out: ObjectiveOutput) -> tuple[torch.Tensor | None, ...]:
     return out.loss, out.elbo, out.recon, out.kl
-
-
-class GivenLabels:
-    """:class:`M2` given the labels ``y [B]``: p(z), q(z | x, y), p(x | y, z) with the estimators' interface (the
-    prior does not depend on y: batch ``[]``)."""
-
-    def __init__(self, model: M2, y: torch.Tensor):
-        if y.ndim != 1 or y.is_floating_point() or (len(y) and (int(y.min()) < 0 or int(y.max()) >= model.classes)):
-            raise ValueError(f"given(y=...) takes classes 0..{model.classes - 1} as [B] integers")
-        self.model = model
-        dtype = model.decoder.output_layer.weight.dtype
-        self.onehot = F.one_hot(y, model.classes).to(dtype)  # (B, C)
-        self.latent_dim, self.data_shape, self.data_support = model.latent_dim, model.data_shape, model.data_support
-
-    @property
-    def prior(self) -> Distribution:
-        return self.model.prior_module()
-
-    def encode(self, x: torch.Tensor) -> Distribution:
-        return self.model.posterior(self.model.encoder(torch.cat([x.flatten(1), self.onehot], -1)))
-
-    def decode(self, z: torch.Tensor) -> Distribution:
-        lead = z.shape[:-1]  # (*S, B)
-        inputs = torch.cat([z, self.onehot.expand(*lead, -1)], -1)  # (*S, B, d + C)
-        params = self.model.decoder(inputs.reshape(-1, inputs.shape[-1]))
-        return self.model.likelihood(params.reshape(*lead, *self.data_shape))
