@@ -250,8 +250,11 @@ def test_cli_trains_m2_with_labels_and_eval_prints_the_error_rate(tmp_path):
     proc = _vaelab("eval", str(run), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(error " in proc.stdout and "classification of 120 examples" in proc.stdout
+    assert "log p(x) = log sum_c p(x|c) p(c)" in proc.stdout  # the generative part's marginal, y summed out
     saved = json.loads((run / "eval_test.json").read_text())
     assert saved["classification"]["error"] <= 0.1  # measured 0.0
+    marginal = saved["marginal"]  # log p(x|y) - log p(x) = log p(y|x) - log p(y) <= log 4 for every example
+    assert math.isfinite(marginal["log_px"]["mean"]) and 0 < marginal["label_nats"]["mean"] <= math.log(4) + 1e-9
 
 
 def test_cli_label_errors_are_one_line(tmp_path, capsys):

@@ -370,10 +370,9 @@ def _classification(run, x, split: str, *, progress: bool, **classify_options) -
     A model of p(x|y) (``context = ("y",)``, e.g. a cvae) classifies by Bayes' rule from log p(x, y=c) for every c
     (:func:`vaelab.conditional.generative_log_probs`, IWAE with ``k`` = ``classify_options["k"]``, default
     :data:`CLASSIFY_K`, samples per class); the same numbers give ``"marginal"``: log p(x) = logsumexp_c, log p(x|y)
-    of the true label and their difference, the nats the label carries (each summarized over examples)."""
-    import torch
-
-    from vaelab.evaluate import class_log_probs, classification_metrics, summarize
+    of the true label and their difference, the nats the label carries (each summarized over examples). A
+    semi-supervised model (m2) classifies with its own q(y|x) and gives ``"marginal"`` from its ``generative`` part."""
+    from vaelab.evaluate import class_log_probs, classification_metrics
 
     if not callable(getattr(run.model, "classify", None)):
         return {}
@@ -382,26 +381,42 @@ def _classification(run, x, split: str, *, progress: bool, **classify_options) -
     if labels is None:
         raise UserError(f"{run.run_dir}: the model predicts labels, which the {split} split of {splits.name} lacks")
     labels = labels[: len(x)]
+    k = classify_options.get("k", CLASSIFY_K)
+    batch_size = classify_options.get("batch_size", 100)
     if tuple(getattr(run.model, "context", ())) != ("y",):
         # k is the generative classifier's (importance samples per class): a discriminative p(y|x) has none
         options = {key: value for key, value in classify_options.items() if key != "k"}
         log_probs = class_log_probs(run.model, x, progress=progress, **options)
-        return {"classification": classification_metrics(log_probs, labels)}
-    from vaelab.conditional import class_log_prior, generative_log_probs
+        result = {"classification": classification_metrics(log_probs, labels)}
+        generative = getattr(run.model, "generative", None)  # a semi-supervised model's p(x|y) (m2): its log p(x)
+        if tuple(getattr(generative, "context", ())) == ("y",):
+            result["marginal"] = _marginal(generative, x, labels, k=k, batch_size=batch_size)[1]
+        return result
+    joint, marginal = _marginal(run.model, x, labels, k=k, batch_size=batch_size)
+    return {"classification": classification_metrics(joint.log_softmax(-1), labels), "marginal": marginal}
 
-    k = classify_options.get("k", CLASSIFY_K)
+
+def _marginal(model, x, labels, *, k: int, batch_size: int):
+    """log p(x, y=c) ``[N, C]`` of a model of p(x|y) (:func:`vaelab.conditional.generative_log_probs`, IWAE_k per
+    class), and ``"marginal"``: log p(x) = logsumexp_c, log p(x|y) of the true label and their difference, the nats
+    the label carries (each summarized over examples)."""
+    import torch
+
+    from vaelab.conditional import class_log_prior, generative_log_probs
+    from vaelab.evaluate import summarize
+
     with torch.no_grad():
-        joint = generative_log_probs(run.model, x, k=k, batch_size=classify_options.get("batch_size", 100))  # [N, C]
+        joint = generative_log_probs(model, x, k=k, batch_size=batch_size)  # [N, C]
     y = labels.to(joint.device)
     log_px = joint.logsumexp(-1)  # log p(x) = log sum_c p(x|c) p(c)
-    log_px_given_y = joint.gather(1, y[:, None])[:, 0] - class_log_prior(run.model).to(joint)[y]
+    log_px_given_y = joint.gather(1, y[:, None])[:, 0] - class_log_prior(model).to(joint)[y]
     marginal = {
         "k": k,
         "log_px": summarize(log_px),
         "log_px_given_y": summarize(log_px_given_y),
         "label_nats": summarize(log_px_given_y - log_px),  # = log p(y|x) - log p(y), per example
     }
-    return {"classification": classification_metrics(joint.log_softmax(-1), labels), "marginal": marginal}
+    return joint, marginal
 
 
 def _format_marginal(marginal: dict) -> str:
