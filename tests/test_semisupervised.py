@@ -241,7 +241,7 @@ M2_FLAGS = [
 ]  # fmt: skip
 
 
-def test_cli_trains_m2_with_labels_and_eval_prints_the_error_rate(tmp_path):
+def test_cli_trains_m2_with_labels_and_eval_prints_the_error_rate(tmp_path, capsys):
     data = _labelled_npz(tmp_path / "bars.npz")
     run = tmp_path / "run"
     proc = _vaelab("train", "--dataset", str(data), *M2_FLAGS, "--out", str(run))
@@ -255,6 +255,15 @@ def test_cli_trains_m2_with_labels_and_eval_prints_the_error_rate(tmp_path):
     assert saved["classification"]["error"] <= 0.1  # measured 0.0
     marginal = saved["marginal"]  # log p(x|y) - log p(x) = log p(y|x) - log p(y) <= log 4 for every example
     assert math.isfinite(marginal["log_px"]["mean"]) and 0 < marginal["label_nats"]["mean"] <= math.log(4) + 1e-9
+    # the other commands: samples from p(x | y) class by class, a report of the classifier and the training curves,
+    # and a one-line refusal to reconstruct (no encoder of x alone)
+    from vaelab.cli import main
+
+    assert main(["sample", str(run), "--n", "8"]) == 0 and (run / "samples.png").is_file()
+    assert main(["report", str(run), "--k", "10", "--examples", "40", "--fast", "--no-progress"]) == 0
+    assert (run / "report.html").is_file()
+    assert main(["reconstruct", str(run)]) == 2
+    assert "has no encoder of x alone" in capsys.readouterr().err
 
 
 def test_cli_label_errors_are_one_line(tmp_path, capsys):

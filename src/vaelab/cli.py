@@ -546,21 +546,24 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     run = _load(args.run_dir)
     torch_seed(args.seed)
     out = args.out or str(Path(args.run_dir) / "samples.png")
-    asks = tuple(getattr(run.model, "context", ()))
-    if not is_latent_model(run.model):
+    model = run.model
+    if not is_latent_model(model) and is_latent_model(getattr(model, "generative", None)):
+        model = model.generative  # a semi-supervised model (m2) draws from its p(x, z | y)
+    asks = tuple(getattr(model, "context", ()))
+    if not is_latent_model(model):
         raise UserError(f"{args.run_dir} ({run.config.model}) has no latent variables to sample from")
     if not asks:
         if args.label is not None:
             raise UserError(f"--class: {args.run_dir} ({run.config.model}) is not given a class (no context y)")
-        images = sample_images(run.model, args.n)  # [n, *data_shape]
+        images = sample_images(model, args.n)  # [n, *data_shape]
         what = "from the prior"
     else:
-        classes = getattr(run.model, "classes", None)
+        classes = getattr(model, "classes", None)
         if asks != ("y",) or classes is None:
             raise UserError(f"{args.run_dir}: the model is given {', '.join(asks)}, which sample cannot choose")
         if args.label is not None and not 0 <= args.label < classes:
             raise UserError(f"--class {args.label}: the model's classes are 0..{classes - 1}")
-        images = conditional_samples(run.model, args.n, args.label)
+        images = conditional_samples(model, args.n, args.label)
         what = f"given class {args.label}" if args.label is not None else f"of classes 0..{classes - 1} in turn"
     save_grid(out, images, images.shape[1:])
     print(f"{args.n} samples {what} written to {out}")
@@ -583,10 +586,13 @@ def conditional_samples(model, n: int, label: int | None):
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from vaelab.evaluate import is_latent_model
     from vaelab.models import bind
     from vaelab.plots import reconstruction_pairs, save_grid
 
     run = _load(args.run_dir)
+    if not is_latent_model(run.model):
+        raise UserError(f"{args.run_dir} ({run.config.model}) has no encoder of x alone to reconstruct with")
     x, context = _eval_data(run, "test", args.n, args.seed)
     out = args.out or str(Path(args.run_dir) / "reconstructions.png")
     save_grid(out, reconstruction_pairs(bind(run.model, context), x), x.shape[1:], ncol=len(x))
