@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
-from vaelab.conditional import ConditionalVAE, GivenLabels
+from vaelab import conditional  # the module, not its names: it may be mid-import (models.py imports both)
 from vaelab.data import UNLABELLED
 from vaelab.estimators import elbo_parts
 from vaelab.models import register_model
@@ -87,7 +87,7 @@ class M2(nn.Module):
     def __init__(
         self,
         *,
-        generative: ConditionalVAE,
+        generative: conditional.ConditionalVAE,
         classifier: nn.Module,
         alpha_scale: float = ALPHA_SCALE,
         labelled_share: float = LABELLED_SHARE,
@@ -103,7 +103,7 @@ class M2(nn.Module):
     def check_config(cls, config: TrainConfig) -> None:
         """What the ``cvae`` family refuses (a prior with no per-class form, an architecture that cannot take the
         one-hot label, classes < 2), and bad ``model_options`` values (``alpha_scale``, ``labelled_share``)."""
-        ConditionalVAE.check_config(config)
+        conditional.ConditionalVAE.check_config(config)
         _check_options(**{"alpha_scale": ALPHA_SCALE, "labelled_share": LABELLED_SHARE, **config.model_options})
 
     @classmethod
@@ -123,7 +123,7 @@ class M2(nn.Module):
         shape = torch.Size(data_shape)
         options = {"hidden": (512, 256), "activation": "tanh", **config.architecture_options}
         return cls(
-            generative=ConditionalVAE.from_config(config, shape),
+            generative=conditional.ConditionalVAE.from_config(config, shape),
             classifier=MLP(shape.numel(), tuple(options["hidden"]), config.classes, options["activation"]),
             alpha_scale=alpha_scale,
             labelled_share=labelled_share,
@@ -139,7 +139,7 @@ class M2(nn.Module):
         """q(y | x): batch ``[B]`` over the C classes."""
         return Categorical(logits=self.classifier(x), validate_args=False)
 
-    def given(self, y: torch.Tensor) -> GivenLabels:
+    def given(self, y: torch.Tensor) -> conditional.GivenLabels:
         """The model p(x, z | y) for the labels ``y [B]`` (classes, not -1), with the estimators' interface: the
         conditional VAE's (:meth:`vaelab.conditional.ConditionalVAE.given`)."""
         return self.generative.given(y)
