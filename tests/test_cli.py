@@ -496,6 +496,7 @@ def test_a_second_writer_is_refused_in_one_line_and_a_killed_writers_lock_does_n
     resumed.send_signal(signal.SIGINT)  # it runs: stop it cleanly
     resumed.wait(timeout=120)
     reader.join(timeout=60)
+    resumed.stderr.close()
     err = "".join(lines)
     assert resumed.returncode == 130, err[-3000:]
     assert "resumed from" in err and "Traceback" not in err
