@@ -39,7 +39,7 @@ from vaelab.diagnostics import (
     PerExample,
 )
 from vaelab.estimators import pareto_k_threshold
-from vaelab.evaluate import summarize
+from vaelab.evaluate import CALIBRATION_BINS, summarize
 
 
 # --- results as JSON: the one conversion ------------------------------------------------------------------------------
@@ -272,6 +272,23 @@ PICTURES: dict[str, tuple[str, str]] = {
         "Each row varies one latent dimension (the most active first) over its prior "
         "quantiles, the others fixed at one example's posterior mean: what each unit encodes.",
     ),
+    "class_samples": (
+        "Samples per class",
+        "Rows are the classes y, columns share one noise draw of z ~ p(z|y), decoded as E[x|z,y]. The style (slant, "
+        "thickness) should stay along a column while the class changes down it: then z carries the style and y the "
+        "class.",
+    ),
+    "reliability": (
+        "Reliability diagram",
+        "Accuracy against the confidence of the predicted class, in equal-width confidence bins (the share of "
+        "examples per bin below). Bars under the diagonal mean over-confidence; the expected calibration error is "
+        "the share-weighted mean distance between bar and diagonal.",
+    ),
+    "confusion": (
+        "Confusion matrix",
+        "Counts of test examples by true class (rows) and predicted class (columns); the shade is the share of the "
+        "row. Off-diagonal cells show which classes the model mistakes for which.",
+    ),
     "manifold": ("Decoded manifold", "For a 2-D latent space: E[x|z] over an equal-probability grid of the prior."),
     "latents": (
         "Latent space",
@@ -305,6 +322,7 @@ SECTION_PICTURES = {
     "gaps": ("gaps",),
     "estimators": ("estimators",),
     "latent": ("kl_per_dim",),
+    "classification": ("class_samples", "reliability", "confusion"),
 }
 
 NOT_COMPUTED = '<p class="missing">not computed</p>'
@@ -319,7 +337,8 @@ NAV = (
     '<nav><a href="#summary">Summary</a> · <a href="#config">Configuration</a> · <a href="#training">Training</a> · '
     '<a href="#pictures">Pictures</a> · <a href="#elbo">ELBO</a> · <a href="#iwae">IWAE</a> · '
     '<a href="#log-px">log p(x)</a> · <a href="#gaps">Gaps</a> · <a href="#estimators">Naive vs IS</a> · '
-    '<a href="#latent">Latent usage</a> · <a href="#json">JSON</a></nav>'
+    '<a href="#latent">Latent usage</a> · <a href="#classification">Classification</a> · '
+    '<a href="#json">JSON</a></nav>'
 )
 
 STYLE = """
@@ -465,6 +484,15 @@ def _training_section(run, pictures: dict[str, Path]) -> str:
 
 def _headline(d: Mapping[str, Any]) -> str:
     lp, gap = d.get("log_px"), d.get("posterior_gap")
+    c = d.get("classification")
+    if not isinstance(lp, Mapping) and isinstance(c, Mapping):  # a model of p(y|x) only: its test error leads
+        return (
+            '<h2 id="summary">Summary</h2>'
+            + f"<p>Test error <strong>{fmt(100 * c['error'], 2)} %</strong>, "
+            + f"NLL {pm({'mean': c['nll'], 'sem': c['nll_stderr']}, 4)} "
+            + f'nats, ECE {fmt(c["ece"], 4)}: see <a href="#classification">Classification</a>. A model without '
+            "latent variables has no log p(x) numbers.</p>"
+        )
     if not isinstance(lp, Mapping):
         return NOT_COMPUTED
     gap_label = "posterior gap"
@@ -701,9 +729,38 @@ def _latent_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     return "".join(out)
 
 
+def _classification_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
+    """How well a model that predicts labels does it (``d["classification"]``, from
+    :func:`vaelab.evaluate.classification_metrics`), and the pictures of a conditional model."""
+    out = ['<h2 id="classification">Classification and conditional pictures</h2>']
+    c = d.get("classification")
+    if isinstance(c, Mapping):
+        nll = {"mean": c.get("nll"), "sem": c.get("nll_stderr")}
+        rows = [
+            ["accuracy", num(fmt(100 * c["accuracy"], 2) + " %"), why("the most probable class is the true one")],
+            ["error", num(fmt(100 * c["error"], 2) + " %"), why("1 − accuracy")],
+            ["NLL, −log p(y|x)", num(pm(nll, 4)), why("nats per example, of the true label")],
+            ["expected calibration error", num(fmt(c.get("ece"), 4)), why(EXPLAIN_ECE)],
+        ]
+        out.append(f'<p class="meta">p(y|x) on {fmt(c.get("examples"))} test examples.</p>')
+        out.append(table(["quantity", "value", "meaning"], rows))
+    elif c is not None:
+        out.append(missing(c))
+    figures = [figure(n, pictures[n]) for n in SECTION_PICTURES["classification"] if n in pictures]
+    if c is None and not figures:
+        out.append('<p class="missing">not applicable: the model neither predicts labels nor is given them</p>')
+    return "".join(out + figures)
+
+
+EXPLAIN_ECE = (
+    f"sum over {CALIBRATION_BINS} equal-width confidence bins of the share of examples times |accuracy − confidence|: "
+    "0 for a perfectly calibrated classifier"
+)
+
+
 HANDLED = {
     "examples", "units", "elbo", "iwae", "log_px", "posterior_gap", "approximation_gap", "amortization_gap",
-    "gap_decomposition", "elbo_forms", "estimator_study", "iwae_curve", "active_units", "latent_dim",
+    "gap_decomposition", "classification", "elbo_forms", "estimator_study", "iwae_curve", "active_units", "latent_dim",
     "posterior_mean_variance", "kl_per_dim", "run_dir", "split", "weights", "seed", "diagnostics_examples",
 }  # fmt: skip
 
@@ -752,6 +809,7 @@ def render_report(run, diagnostics: Mapping[str, Any], *, pictures: Mapping[str,
         _gap_section(d, pictures),
         _estimator_section(d, pictures),
         _latent_section(d, pictures),
+        _classification_section(d, pictures),
     ]
     if more:
         parts.append('<h2 id="more-pictures">More pictures</h2>' + "".join(more))
