@@ -289,6 +289,15 @@ PICTURES: dict[str, tuple[str, str]] = {
         "Counts of test examples by true class (rows) and predicted class (columns); the shade is the share of the "
         "row. Off-diagonal cells show which classes the model mistakes for which.",
     ),
+    **{
+        f"autoencoder_samples_{space}": (
+            f"VAE and autoencoder samples ({space} space)",
+            "Top half: the VAE's samples, z ~ p(z) decoded as E[x|z]. Bottom half: the deterministic autoencoder with "
+            "the same networks, z drawn from a Gaussian mixture fitted to its training codes (Ghosh et al. 2020). "
+            "The autoencoder has no likelihood: its samples are all it can be judged by here.",
+        )
+        for space in ("binary", "dequantized")
+    },
     "manifold": ("Decoded manifold", "For a 2-D latent space: E[x|z] over an equal-probability grid of the prior."),
     "latents": (
         "Latent space",
@@ -323,6 +332,7 @@ SECTION_PICTURES = {
     "estimators": ("estimators",),
     "latent": ("kl_per_dim",),
     "classification": ("class_samples", "reliability", "confusion"),
+    "ladder": ("autoencoder_samples_binary", "autoencoder_samples_dequantized"),
 }
 
 NOT_COMPUTED = '<p class="missing">not computed</p>'
@@ -338,7 +348,7 @@ NAV = (
     '<a href="#pictures">Pictures</a> · <a href="#elbo">ELBO</a> · <a href="#iwae">IWAE</a> · '
     '<a href="#log-px">log p(x)</a> · <a href="#gaps">Gaps</a> · <a href="#estimators">Naive vs IS</a> · '
     '<a href="#latent">Latent usage</a> · <a href="#classification">Classification</a> · '
-    '<a href="#json">JSON</a></nav>'
+    '<a href="#ladder">Ladder</a> · <a href="#json">JSON</a></nav>'
 )
 
 STYLE = """
@@ -704,6 +714,38 @@ def _estimator_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     return "".join(out)
 
 
+def _ladder_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
+    """The density-estimation ladders ``vaelab baselines --runs RUN`` wrote beside the run (``d["ladder"]``: one
+    record per space), with the autoencoder's samples beside the VAE's."""
+    out = ['<h2 id="ladder">The ladder: classic density models on the same test images</h2>']
+    records = d.get("ladder") or []
+    if not records:
+        out.append(
+            '<p class="missing">not computed: run <code>vaelab baselines --dataset NAME --runs RUN</code> first '
+            "(it writes RUN/ladder_SPACE.json, which this report shows)</p>"
+        )
+    for record in records:
+        bits = record.get("space") == "dequantized"
+        rows = []
+        for row in record.get("rows", []):
+            lp, b = row.get("log_px"), row.get("bits_per_dim")
+            if "not_comparable" in row or lp is None:
+                number = f'<td class="missing" colspan="{2 if bits else 1}">{esc(row.get("not_comparable", ""))}</td>'
+            else:
+                number = num(pm(lp)) + (num(pm(b, 4)) if bits else "")
+            detail = row.get("detail") or {}
+            chosen = ", ".join(f"{k} {fmt(v, 4)}" for k, v in (detail.get("chosen") or {}).items())
+            rec = row.get("reconstruction")
+            if rec:
+                chosen = f"reconstruction {pm(rec)} nats, the VAE's {pm(row.get('vae_reconstruction'))}"
+            rows.append([esc(row.get("name")), number, num(fmt(row.get("fit_seconds"), 1)), f"<td>{chosen}</td>"])
+        head = ["model", "log p(x), nats", *(["bits/dim"] if bits else []), "fit s", "detail"]
+        out.append(f'<p class="meta">{esc(record.get("split"))} ({esc(record.get("space"))} space)</p>')
+        out.append(table(head, rows))
+    out += [figure(n, pictures[n]) for n in SECTION_PICTURES["ladder"] if n in pictures]
+    return "".join(out)
+
+
 def _latent_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     out = ['<h2 id="latent">Latent usage</h2>']
     if "active_units" not in d:
@@ -760,8 +802,9 @@ EXPLAIN_ECE = (
 
 HANDLED = {
     "examples", "units", "elbo", "iwae", "log_px", "posterior_gap", "approximation_gap", "amortization_gap",
-    "gap_decomposition", "classification", "elbo_forms", "estimator_study", "iwae_curve", "active_units", "latent_dim",
+    "gap_decomposition", "elbo_forms", "estimator_study", "iwae_curve", "active_units", "latent_dim",
     "posterior_mean_variance", "kl_per_dim", "run_dir", "split", "weights", "seed", "diagnostics_examples",
+    "classification", "ladder",
 }  # fmt: skip
 
 
@@ -810,6 +853,7 @@ def render_report(run, diagnostics: Mapping[str, Any], *, pictures: Mapping[str,
         _estimator_section(d, pictures),
         _latent_section(d, pictures),
         _classification_section(d, pictures),
+        _ladder_section(d, pictures),
     ]
     if more:
         parts.append('<h2 id="more-pictures">More pictures</h2>' + "".join(more))
