@@ -144,6 +144,9 @@ class VAE(nn.Module):
         self.latent_dim = int(prior.latent_dim)
         self.data_shape = likelihood.data_shape
         self.data_support = likelihood.support
+        attach = getattr(prior, "attach", None)
+        if attach is not None:  # a prior built on the model's own networks (the VampPrior uses its encoder)
+            attach(self)
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_shape: Sequence[int]) -> VAE:
