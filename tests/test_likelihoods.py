@@ -18,9 +18,9 @@ from torch.distributions import Laplace, constraints
 from vaelab.config import TrainConfig, build_model
 from vaelab.estimators import check_data
 from vaelab.likelihoods import (
+    LEVELS,
     LIKELIHOODS,
     BernoulliLikelihood,
-    LEVELS,
     ContinuousBernoulliLikelihood,
     DiscretizedLogistic,
     DiscretizedLogisticLikelihood,

@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from torch.distributions import (
     Bernoulli,
     ContinuousBernoulli,
@@ -207,7 +207,10 @@ class DiscretizedLogistic(Distribution):
     bin). ``log_prob`` rounds x to its level k = round(255 x) and evaluates the bin of k / 255.
     """
 
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "loc": constraints.real,
+        "scale": constraints.positive,
+    }
     support = eight_bit
     has_rsample = False
 
@@ -231,8 +234,8 @@ class DiscretizedLogistic(Distribution):
         interior = log_upper + log_above_lower + width
         return torch.where(level <= 0, log_upper, torch.where(level >= LEVELS - 1, log_above_lower, interior))
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
+    def sample(self, sample_shape: Sequence[int] = ()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
         with torch.no_grad():
             u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device).clamp(1e-6, 1 - 1e-6)
             x = self.loc + self.scale * (torch.log(u) - torch.log1p(-u))  # a logistic draw
