@@ -144,6 +144,11 @@ class VAE(nn.Module):
         self.latent_dim = int(prior.latent_dim)
         self.data_shape = likelihood.data_shape
         self.data_support = likelihood.support
+        for part in (self.prior_module, self.posterior):
+            # a part sized by d (a flow posterior) or built on the model's own networks (the VampPrior's encoder)
+            attach = getattr(part, "attach", None)
+            if attach is not None:
+                attach(self)
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_shape: Sequence[int]) -> VAE:

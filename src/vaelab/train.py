@@ -197,6 +197,10 @@ class Trainer:
         if config.init_decoder_bias and built and resume_from is None and output_net is not None:
             if likelihood.bias_from_mean is not None:
                 init_decoder_bias(output_net, mean_example(self.train_data["x"]).clamp(0, 1), likelihood)
+        # A prior that starts from the data (the VampPrior's pseudo-inputs) gets the training examples, likewise once
+        init_prior = getattr(getattr(self.model, "prior_module", None), "init_from_data", None)
+        if built and resume_from is None and init_prior is not None:
+            init_prior(self.train_data["x"])
         if self.world > 1:
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical start on every rank
