@@ -721,8 +721,8 @@ def _ladder_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     records = d.get("ladder") or []
     if not records:
         out.append(
-            '<p class="missing">not computed: run <code>vaelab baselines --dataset NAME --runs RUN</code> first '
-            "(it writes RUN/ladder_SPACE.json, which this report shows)</p>"
+            '<p class="missing">no ladder for this run yet: <code>vaelab baselines --dataset NAME --runs RUN</code> '
+            "writes RUN/ladder_SPACE.json, which this report then shows</p>"
         )
     for record in records:
         bits = record.get("space") == "dequantized"
