@@ -528,7 +528,9 @@ def draw_pictures(
     diagnostics = diagnostics or {}
     figures: dict[str, Any] = {}
     conditional = bool(getattr(model, "context", ()))
-    images = shows_as_images(x.shape[1:])  # pictures of examples; other data (vectors, say) get the rest
+    # a model without latent variables (a classifier p(y|x)) gets none of the latent pictures
+    latent = callable(getattr(model, "encode", None)) or conditional
+    images = shows_as_images(x.shape[1:]) and latent  # pictures of examples; other data (vectors, say) get the rest
     if images:
         figures["reconstructions"] = lambda: reconstructions_figure(bind(model, context, slice(0, 12)), x[:12])
     if images and not conditional:
@@ -537,7 +539,7 @@ def draw_pictures(
         figures["traversals"] = lambda: traversal_figure(model, x, variance=variance)
         if latent_dim(model) == 2:
             figures["manifold"] = lambda: manifold_figure(model)
-    if not conditional:
+    if latent and not conditional:
         figures["latents"] = lambda: latent_scatter_figure(model, x, labels)
     if metrics:
         figures["training_curves"] = lambda: training_curves_figure(metrics)
