@@ -364,4 +364,6 @@ class LinearGaussian(nn.Module):
 
 
 # The families defined in other modules register themselves on import (at the end: they import this module).
+import vaelab.classifier  # noqa: E402  ("classifier")
+import vaelab.conditional  # noqa: E402  ("cvae")
 import vaelab.hierarchical  # noqa: E402, F401  ("iwae-2layer")
