@@ -319,6 +319,8 @@ def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a config's ``device`` names: ``"auto"`` is this process's CUDA device (``$LOCAL_RANK``) if CUDA is
+    available, else the CPU. Raises ValueError for a CUDA device on a machine without CUDA."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -845,14 +845,17 @@ class MappedRows:
         return self._read(np.asarray(item))
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """The rows ``index`` (``dim`` must be 0), read into a CPU tensor."""
         if dim != 0:
             raise ValueError("MappedRows selects rows (dim 0) only")
         return self._read(index.cpu().numpy())
 
     def is_floating_point(self) -> bool:
+        """Whether rows are read as floats (False for uint8 data), as ``torch.Tensor.is_floating_point``."""
         return self.dtype.is_floating_point
 
     def split(self, rows: int):
+        """Consecutive pieces of at most ``rows`` rows, each read when reached, as ``torch.Tensor.split``."""
         return (self[i : i + rows] for i in range(0, len(self), rows))
 
 

@@ -170,9 +170,11 @@ class VAE(nn.Module):
         return self.prior_module()
 
     def encode(self, x: torch.Tensor) -> Distribution:
+        """q(z|x) for ``x: [B, *data_shape]``: batch ``[B]``, event ``[d]``."""
         return self.posterior(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) for ``z: [*S, d]``: batch ``S``, event ``data_shape``."""
         lead = z.shape[:-1]
         params = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, ...) with N = prod(lead)
         return self.likelihood(params.reshape(*lead, *self.data_shape))
@@ -249,11 +251,13 @@ class LinearGaussian(nn.Module):
         return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
 
     def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) = N(W z + b, Psi) for ``z: [*S, d]``: batch ``S``, event ``[D]``."""
         loc = z @ self.weight.T + self.bias  # (*S, D)
         scale = self._noise_diag().sqrt().expand_as(loc)
         return Independent(Normal(loc, scale, validate_args=False), 1)
 
     def encode(self, x: torch.Tensor) -> Distribution:
+        """The exact posterior p(z|x) (:meth:`posterior`): with this model the ELBO is tight."""
         return self.posterior(x)
 
     # --- closed forms ----------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class RunLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Give the lock up and remove its file (a no-op if not held)."""
         if self._fd is None:
             return
         self.path.unlink(missing_ok=True)

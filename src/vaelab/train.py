@@ -92,6 +92,9 @@ __all__ = [
 
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.fit` returns: the run directory, the last step, the stopping signal's name (None when the
+    run ended), and the last validation metrics (None if none ran)."""
+
     run_dir: Path
     step: int
     interrupted: str | None  # the signal's name if stopped by one
@@ -245,6 +248,8 @@ class Trainer:
         print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
 
     def save(self, name: str | None = None) -> Path:
+        """Write a checkpoint (weights, optimizer, RNG, step, config) as ``checkpoints/<name>`` (default: the step's);
+        a step checkpoint also becomes ``latest.json``'s. Returns its directory."""
         directory = self.ckpt_dir / (name or f"step_{self.step:08d}")
         meta = {
             "config": asdict(self.config),
@@ -298,6 +303,8 @@ class Trainer:
         return out.loss, out.elbo, out.recon, out.kl
 
     def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step on the step's batch, at the step's beta and learning rate; returns its metrics (batch
+        sums). Raises :class:`TrainingDiverged`, naming the step, on a non-finite value or a rejected batch."""
         step = self.step
         lr = self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
         try:
@@ -361,6 +368,7 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to the last step or until a stop signal, with logging, evaluation and checkpoints on the way."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
         if self.rank == 0:
