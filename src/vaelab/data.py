@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -1030,6 +1031,10 @@ def mean_example(x: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
 Data = torch.Tensor | Mapping[str, torch.Tensor]
 
 
+@overload
+def aligned_fields(data: Data, name: str, device: torch.device) -> dict[str, torch.Tensor]: ...
+@overload
+def aligned_fields(data: None, name: str, device: torch.device) -> None: ...
 def aligned_fields(data: Data | None, name: str, device: torch.device) -> dict[str, torch.Tensor] | None:
     """``data`` as a dict of aligned tensors on ``device`` (``{"x": data}`` for a lone tensor), checked: ``x`` is
     ``[N, *data_shape]`` and every field has N rows. A batch takes the same rows of every field."""

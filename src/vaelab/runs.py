@@ -117,8 +117,8 @@ def resume_checkpoint(run_dir: str | Path) -> tuple[Path, tuple[dict, dict, dict
         except CheckpointError as err:
             damaged.append(err)
             continue
-        for err in damaged:
-            print(f"skipping a damaged checkpoint: {err}", file=sys.stderr)
+        for reason in damaged:
+            print(f"skipping a damaged checkpoint: {reason}", file=sys.stderr)
         return path, loaded
     raise CheckpointError(f"no intact checkpoint in {latest.parent}; the newest: {damaged[0]}")
 
