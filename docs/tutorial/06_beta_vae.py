@@ -84,6 +84,8 @@ ax = axes[1]
 ax.plot(betas, total_kl, "o-", label="total KL (nats)")
 ax.plot(betas, [usage[b]["active_units"] for b in betas], "s-", label="active units")
 ax.set(xscale="log", xlabel="beta", title="KL and active units against beta")
+ax.set_xticks(betas, [f"{b:g}" for b in betas])
+ax.minorticks_off()
 ax.legend(fontsize=8)
 ax = axes[2]
 steps_axis = [t["step"] for t in annealed]
