@@ -25,3 +25,22 @@ def test_site_builds_strictly_with_zero_warnings(tmp_path: Path):
     # the reference really holds the generated API (not an empty page): a public function's signature and docstring
     estimators = (site / "reference/estimators/index.html").read_text()
     assert "log_marginal" in estimators and "importance sampling" in estimators
+
+
+def test_the_docstring_hook_flags_a_public_name_without_one(tmp_path: Path):
+    import importlib.util
+
+    import griffe
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts" / "docs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        '"""A package."""\n\n\ndef documented():\n    """Yes."""\n\n\ndef bare():\n    pass\n\n\n'
+        'def _private():\n    pass\n\n\nclass Net:\n    """A module."""\n\n    def forward(self):\n        pass\n\n'
+        "    def step(self):\n        pass\n"
+    )
+    loaded = griffe.load("pkg", search_paths=[str(tmp_path)])
+    assert hooks._missing(loaded) == ["pkg.bare", "pkg.Net.step"]  # forward is exempt, _private is not public
