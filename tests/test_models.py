@@ -399,7 +399,7 @@ def test_a_user_model_and_prior_train_from_a_config_naming_them_and_reload(user_
     "fields, message",
     [
         ({"form": "bogus"}, "unknown form 'bogus'; choose from joint, entropy, kl"),
-        ({"model": "bogus"}, "unknown model 'bogus'; choose from vae, iwae-2layer"),
+        ({"model": "bogus"}, "unknown model 'bogus'; choose from vae, classifier, cvae, iwae-2layer"),
         ({"posterior": "bogus"}, "unknown posterior 'bogus'; choose from diagonal-gaussian"),
         ({"likelihood_options": {"sigma": 0.1}}, "unknown likelihood_options 'sigma' for likelihood 'bernoulli'"),
         (

@@ -17,6 +17,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,6 +138,7 @@ def autoencoder_row(
     reconstruction error -log p(x | E_q[z|x]) of the autoencoder beside the VAE's (``summarize``: mean and standard
     error, nats per example). It has no log p(x), and says so (``not_comparable``)."""
     from vaelab.config import build_model
+    from vaelab.train import start_from_data
 
     weight = next(run.model.parameters())
     shape = (-1, *data.data_shape)
@@ -144,12 +146,13 @@ def autoencoder_row(
     test = data.test.reshape(shape).to(device=weight.device, dtype=weight.dtype)
     torch.manual_seed(seed)
     fresh = build_model(run.config, data.data_shape).to(weight.device)
+    start_from_data(fresh, run.config, train)  # as the VAE started: its decoder bias at the data mean
     ae = fit_autoencoder(fresh, train, steps=steps, batch_size=min(100, len(train)), seed=seed, progress=progress)
     with torch.no_grad():
         ours = torch.cat([reconstruction_nll(ae.model, b) for b in test.split(500)])
         theirs = torch.cat([reconstruction_nll(run.model, b) for b in test.split(500)])
     row = {
-        "name": f"autoencoder ({name})",
+        "name": f"autoencoder ({Path(name).name})",
         "kind": "autoencoder",
         "space": data.space,
         "split": data.split,

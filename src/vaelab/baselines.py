@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -679,21 +680,21 @@ def format_ladder(rows: Sequence[dict[str, Any]], space: str, split: str) -> str
     """The ladder as text: each row on ``space`` and ``split`` with its log p(x) (and bits/dim), the others marked
     "not comparable" with the reason, never with a number."""
     bits = space == DEQUANTIZED
-    head = f"{'model':<28} {'log p(x) nats':>20}" + (f" {'bits/dim':>16}" if bits else "") + f" {'fit s':>8}  detail"
+    head = f"{'model':<40} {'log p(x) nats':>20}" + (f" {'bits/dim':>16}" if bits else "") + f" {'fit s':>8}  detail"
     lines = [f"test split: {split}; {SPACES[space]}", head]
     for row in rows:
         why = incomparable(row, space, split)
         if why is not None:
-            lines.append(f"{row['name'][-28:]:<28} not comparable: {why}")
+            lines.append(f"{row['name'][-40:]:<40} not comparable: {why}")
             if "reconstruction" in row:  # an autoencoder: the number it has, beside its VAE's
                 ours, theirs = row["reconstruction"], row["vae_reconstruction"]
                 lines.append(
-                    f"{'':<28} reconstruction -log p(x | E_q[z|x]): {ours['mean']:.2f} ± {ours['sem']:.2f} nats "
+                    f"{'':<40} reconstruction -log p(x | E_q[z|x]): {ours['mean']:.2f} ± {ours['sem']:.2f} nats "
                     f"(the VAE's: {theirs['mean']:.2f} ± {theirs['sem']:.2f})"
                 )
             continue
         lp = row["log_px"]
-        line = f"{row['name'][-28:]:<28} {lp['mean']:>11.2f} ± {lp['sem']:<6.2f}"
+        line = f"{row['name'][-40:]:<40} {lp['mean']:>11.2f} ± {lp['sem']:<6.2f}"
         if bits:
             b = row["bits_per_dim"]
             line += f" {b['mean']:>9.4f} ± {b['sem']:<5.4f}"
@@ -790,7 +791,7 @@ def parzen_rows(
         test = kde_log_density(data.test, draws[:m], [bandwidth], kernel)[0]
         detail = {"chosen": {"bandwidth": bandwidth}, "train_examples": m, "validation": tried}
         rows.append(
-            ladder_row(f"{name}, Parzen on {m} draws", "parzen", data, summarize(test), detail=detail)
+            ladder_row(f"{Path(name).name}, Parzen on {m} draws", "parzen", data, summarize(test), detail=detail)
             | {"fit_seconds": time.perf_counter() - start, "source": "KDE of model draws"}
         )
     return rows

@@ -251,6 +251,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"data: {splits.name} from {splits.source}: train {tuple(splits.train.shape)}, "
         f"valid {tuple(splits.valid.shape)}, test {tuple(splits.test.shape)}"
     )
+    _check_labels_for(config, splits)
     valid = _with_labels(splits.valid, splits.valid_labels) if len(splits.valid) else None
     trainer = Trainer(config, _with_labels(splits.train, splits.train_labels), valid, args.out, resume=args.resume)
     _record_data(args.out, splits)
@@ -258,13 +259,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
     summary = f"trained {result.step} steps; run directory {args.out}"
-    if result.last_eval:
-        k = config.eval_k
-        summary += (
-            f"; validation ELBO {result.last_eval['elbo']:.2f}, IWAE_{k} {result.last_eval[f'iwae_{k}']:.2f} nats"
-        )
+    last, k = result.last_eval, config.eval_k
+    if last and f"iwae_{k}" in last:
+        summary += f"; validation ELBO {last['elbo']:.2f}, IWAE_{k} {last[f'iwae_{k}']:.2f} nats"
+    elif last and "accuracy" in last:  # a classifier's validation scores: its 'elbo' is log p(y|x)
+        summary += f"; validation log p(y|x) {last['elbo']:.4f} nats, accuracy {100 * last['accuracy']:.2f}%"
     print(summary)
     return 0
+
+
+def _check_labels_for(config, splits) -> None:
+    """A model that reads labels (its ``context`` or ``targets``: a cvae, a classifier) needs a dataset that has
+    them, and labels in 0..classes-1: refused in one line before anything trains."""
+    from vaelab.models import MODELS
+
+    family = MODELS[config.model]
+    if "y" not in (*getattr(family, "context", ()), *getattr(family, "targets", ())):
+        return
+    if splits.train_labels is None:
+        raise UserError(f"--model {config.model} trains on labels, and {splits.name} has none (from {splits.source})")
+    for name in ("train", "valid", "test"):
+        labels = getattr(splits, f"{name}_labels")
+        if labels is not None and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < config.classes:
+            raise UserError(
+                f"the {name} labels of {splits.name} run {int(labels.min())}..{int(labels.max())}, outside the "
+                f"model's 0..{config.classes - 1}: set --classes"
+            )
 
 
 # --- eval / sample / reconstruct ------------------------------------------------------------------------------------
@@ -307,7 +327,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vaelab.evaluate import evaluate_model, format_classification, format_evaluation, is_latent_model
     from vaelab.report import as_json
 
-    _check_at_least_one(args, "k", "examples", "diagnostics_examples", "batch_size")
+    _check_at_least_one(args, "k", "examples", "diagnostics_examples", "batch_size", "classify_k")
     run = _load(args.run_dir)
     x, context = _eval_data(run, args.split, args.examples, args.seed)
     torch_seed(args.seed)
@@ -320,7 +340,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         else:
             result = as_json(diagnostics(run.model, x, examples=args.diagnostics_examples, **options))
         result.update(_baselines(run, x))
-    result.update(_classification(run, x, args.split, progress=progress))
+    result.update(_classification(run, x, args.split, progress=progress, k=args.classify_k))
     result.update(run_dir=str(args.run_dir), split=args.split, weights=str(run.weights), seed=args.seed)
     if context is not None:
         result["given"] = sorted(context)
@@ -329,16 +349,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(format_evaluation(result))
     if "classification" in result:
         print(format_classification(result["classification"]))
+    if "marginal" in result:
+        print(_format_marginal(result["marginal"]))
     out = args.json or str(Path(args.run_dir) / f"eval_{args.split}.json")
     Path(out).write_text(json.dumps(result, indent=2))
     print(f"results written to {out}")
     return 0
 
 
+CLASSIFY_K = 10  # importance samples per class for a generative classifier's p(x|y=c) (eval --classify-k)
+
+
 def _classification(run, x, split: str, *, progress: bool, **classify_options) -> dict:
     """``{"classification": classification_metrics(...)}`` of a model that predicts labels (has ``classify``) on the
-    first ``len(x)`` examples of ``split``; ``{}`` for other models."""
-    from vaelab.evaluate import class_log_probs, classification_metrics
+    first ``len(x)`` examples of ``split``; ``{}`` for other models.
+
+    A model of p(x|y) (``context = ("y",)``, e.g. a cvae) classifies by Bayes' rule from log p(x, y=c) for every c
+    (:func:`vaelab.conditional.generative_log_probs`, IWAE with ``k`` = ``classify_options["k"]``, default
+    :data:`CLASSIFY_K`, samples per class); the same numbers give ``"marginal"``: log p(x) = logsumexp_c, log p(x|y)
+    of the true label and their difference, the nats the label carries (each summarized over examples)."""
+    import torch
+
+    from vaelab.evaluate import class_log_probs, classification_metrics, summarize
 
     if not callable(getattr(run.model, "classify", None)):
         return {}
@@ -346,8 +378,39 @@ def _classification(run, x, split: str, *, progress: bool, **classify_options) -
     labels = getattr(splits, f"{split}_labels")
     if labels is None:
         raise UserError(f"{run.run_dir}: the model predicts labels, which the {split} split of {splits.name} lacks")
-    log_probs = class_log_probs(run.model, x, progress=progress, **classify_options)
-    return {"classification": classification_metrics(log_probs, labels[: len(x)])}
+    labels = labels[: len(x)]
+    if tuple(getattr(run.model, "context", ())) != ("y",):
+        # k is the generative classifier's (importance samples per class): a discriminative p(y|x) has none
+        options = {key: value for key, value in classify_options.items() if key != "k"}
+        log_probs = class_log_probs(run.model, x, progress=progress, **options)
+        return {"classification": classification_metrics(log_probs, labels)}
+    from vaelab.conditional import class_log_prior, generative_log_probs
+
+    k = classify_options.get("k", CLASSIFY_K)
+    with torch.no_grad():
+        joint = generative_log_probs(run.model, x, k=k, batch_size=classify_options.get("batch_size", 100))  # [N, C]
+    y = labels.to(joint.device)
+    log_px = joint.logsumexp(-1)  # log p(x) = log sum_c p(x|c) p(c)
+    log_px_given_y = joint.gather(1, y[:, None])[:, 0] - class_log_prior(run.model).to(joint)[y]
+    marginal = {
+        "k": k,
+        "log_px": summarize(log_px),
+        "log_px_given_y": summarize(log_px_given_y),
+        "label_nats": summarize(log_px_given_y - log_px),  # = log p(y|x) - log p(y), per example
+    }
+    return {"classification": classification_metrics(joint.log_softmax(-1), labels), "marginal": marginal}
+
+
+def _format_marginal(marginal: dict) -> str:
+    """The lines ``vaelab eval`` prints for a model of p(x|y): log p(x|y), log p(x) and the label's nats."""
+    rows = [f"  marginal over the labels (IWAE_{marginal['k']} per class; the same estimates in every line):"]
+    for key, what in (
+        ("log_px_given_y", "log p(x|y) of the true label"),
+        ("log_px", "log p(x) = log sum_c p(x|c) p(c)"),
+        ("label_nats", "nats the label carries, log p(x|y) - log p(x)"),
+    ):
+        rows.append(f"    {what}: {marginal[key]['mean']:.3f} ± {marginal[key]['sem']:.3f}")
+    return "\n".join(rows)
 
 
 def _given(context) -> str:
@@ -424,6 +487,15 @@ def _add_diagnostics_examples_flag(p) -> None:
     from vaelab.diagnostics import DIAGNOSTICS_EXAMPLES
 
     p.add_argument(
+        "--classify-k",
+        type=int,
+        default=CLASSIFY_K,
+        metavar="N",
+        help="for a model of p(x|y) (cvae): importance samples per class of the generative classifier's p(x|y=c) "
+        "and of the marginal log p(x); classes x N decoder passes per example (default: %(default)s)",
+    )
+
+    p.add_argument(
         "--diagnostics-examples",
         type=int,
         default=DIAGNOSTICS_EXAMPLES,
@@ -450,15 +522,46 @@ def _add_estimation_flags(p, *, k: int, examples: int | None, json_help: str) ->
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from vaelab.evaluate import is_latent_model
     from vaelab.plots import sample_images, save_grid
 
     run = _load(args.run_dir)
     torch_seed(args.seed)
     out = args.out or str(Path(args.run_dir) / "samples.png")
-    images = sample_images(run.model, args.n)  # [n, *data_shape]
+    asks = tuple(getattr(run.model, "context", ()))
+    if not is_latent_model(run.model):
+        raise UserError(f"{args.run_dir} ({run.config.model}) has no latent variables to sample from")
+    if not asks:
+        if args.label is not None:
+            raise UserError(f"--class: {args.run_dir} ({run.config.model}) is not given a class (no context y)")
+        images = sample_images(run.model, args.n)  # [n, *data_shape]
+        what = "from the prior"
+    else:
+        classes = getattr(run.model, "classes", None)
+        if asks != ("y",) or classes is None:
+            raise UserError(f"{args.run_dir}: the model is given {', '.join(asks)}, which sample cannot choose")
+        if args.label is not None and not 0 <= args.label < classes:
+            raise UserError(f"--class {args.label}: the model's classes are 0..{classes - 1}")
+        images = conditional_samples(run.model, args.n, args.label)
+        what = f"given class {args.label}" if args.label is not None else f"of classes 0..{classes - 1} in turn"
     save_grid(out, images, images.shape[1:])
-    print(f"{args.n} samples from the prior written to {out}")
+    print(f"{args.n} samples {what} written to {out}")
     return 0
+
+
+def conditional_samples(model, n: int, label: int | None):
+    """``n`` draws z ~ p(z|y), shown as E[x|z, y] (``[n, *data_shape]``), of a model given labels: y = ``label``
+    for every draw, or (None) each of the model's classes in turn."""
+    import torch
+
+    from vaelab.models import bind
+    from vaelab.plots import decoded_mean
+
+    device = next(model.parameters()).device
+    y = torch.full((n,), label) if label is not None else torch.arange(n) % model.classes
+    with torch.no_grad():
+        given = bind(model, {"y": y.to(device)})
+        return decoded_mean(given, given.prior.sample())  # the prior has batch [n]: one z per label
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -474,9 +577,17 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _add_pictures(sub) -> None:
-    p = sub.add_parser("sample", help="image grid of samples from the prior")
+    p = sub.add_parser("sample", help="image grid of samples from the prior (or given a class)")
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=64, help="number of samples (default: %(default)s)")
+    p.add_argument(
+        "--class",
+        dest="label",
+        type=int,
+        default=None,
+        metavar="C",
+        help="for a model given labels (cvae): sample given y = C (default: each class in turn)",
+    )
     p.add_argument("--out", metavar="FILE.png", default=None, help="(default: RUN_DIR/samples.png)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.set_defaults(func=_cmd_sample)
@@ -496,7 +607,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from vaelab.plots import draw_pictures
     from vaelab.report import as_json, write_report
 
-    _check_at_least_one(args, "k", "examples", "diagnostics_examples")
+    _check_at_least_one(args, "k", "examples", "diagnostics_examples", "classify_k")
     run = _load(args.run_dir)
     run_dir = Path(args.run_dir)
     x, context = _eval_data(run, "test", args.examples, args.seed)
@@ -512,7 +623,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         )  # fmt: skip
         result = as_json(found)
         result.update(_baselines(run, x))
-    result.update(_classification(run, x, "test", progress=progress))
+    result.update(_classification(run, x, "test", progress=progress, k=args.classify_k))
     result.update(run_dir=str(run_dir), split="test", weights=str(run.weights), seed=args.seed)
     if context is not None:
         result["given"] = sorted(context)

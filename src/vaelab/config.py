@@ -51,6 +51,7 @@ class TrainConfig:
     likelihood: str = "bernoulli"  # key of vaelab.likelihoods.LIKELIHOODS
     likelihood_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"scale": 0.1}
     init_decoder_bias: bool = True  # start the decoder's output bias at the training-set pixel means
+    classes: int = 10  # labels 0..classes-1, for the models that read or predict them (classifier, cvae)
     # objective
     objective: str = "elbo"  # key of vaelab.objectives.OBJECTIVES
     k: int = 1  # samples per example in the objective
@@ -269,7 +270,7 @@ REGISTRIES: dict[str, Mapping[str, Any]] = {
 # field -> (the field naming what the options go to, the arguments the builder passes itself): the options must be
 # keyword parameters of that class or function, other than those.
 OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "architecture_options": ("architecture", ("data_shape", "latent_dim")),
+    "architecture_options": ("architecture", ("data_shape", "latent_dim", "context_features")),
     "prior_options": ("prior", ("latent_dim",)),
     "posterior_options": ("posterior", ()),
     "likelihood_options": ("likelihood", ("data_shape",)),

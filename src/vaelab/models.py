@@ -145,6 +145,11 @@ class VAE(nn.Module):
         self.latent_dim = int(cast(int, prior.latent_dim))  # every prior module states its d as an int
         self.data_shape = likelihood.data_shape
         self.data_support = likelihood.support
+        for part in (self.prior_module, self.posterior):
+            # a part sized by d (a flow posterior) or built on the model's own networks (the VampPrior's encoder)
+            attach = getattr(part, "attach", None)
+            if attach is not None:
+                attach(self)
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_shape: Sequence[int]) -> VAE:
@@ -364,4 +369,6 @@ class LinearGaussian(nn.Module):
 
 
 # The families defined in other modules register themselves on import (at the end: they import this module).
+import vaelab.classifier  # noqa: E402  ("classifier")
+import vaelab.conditional  # noqa: E402  ("cvae")
 import vaelab.hierarchical  # noqa: E402, F401  ("iwae-2layer")

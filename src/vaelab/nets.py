@@ -189,15 +189,21 @@ def mlp_pair(
     *,
     hidden: Sequence[int] = (512, 256),
     activation: str = "tanh",
+    context_features: int = 0,
 ) -> tuple[MLP, MLP]:
     """An MLP encoder and its mirror image as decoder; works for any data shape (images are flattened).
 
-    Encoder ``prod(data_shape) -> hidden -> 2d``; decoder ``d -> reversed(hidden) -> data_shape``.
+    Encoder ``prod(data_shape) + context_features -> hidden -> 2d``; decoder ``d + context_features ->
+    reversed(hidden) -> data_shape``. ``context_features`` (set by a conditional model, never by a config: e.g. a
+    one-hot label, :class:`vaelab.conditional.ConditionalVAE`) widens both inputs: the caller concatenates the
+    context to the flattened x, and to z.
     """
     shape = _check_data_shape(data_shape)
     _check_size(latent_dim, "latent_dim")
-    encoder = MLP(shape.numel(), hidden, 2 * latent_dim, activation)
-    decoder = MLP(latent_dim, tuple(reversed(hidden)), shape, activation)
+    if isinstance(context_features, bool) or not isinstance(context_features, int) or context_features < 0:
+        raise ValueError(f"context_features must be an int >= 0, got {context_features!r}")
+    encoder = MLP(shape.numel() + context_features, hidden, 2 * latent_dim, activation)
+    decoder = MLP(latent_dim + context_features, tuple(reversed(hidden)), shape, activation)
     return encoder, decoder
 
 

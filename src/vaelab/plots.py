@@ -91,12 +91,13 @@ def reconstruction_pairs(model, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def class_sample_images(model, classes: Sequence[int], n: int, *, seed: int = 0) -> torch.Tensor:
-    """Samples of a model of p(x, z | y), one row per class and ``n`` columns that share their noise: row c holds
-    E[x | z] for z ~ p(z | y = c) drawn with the same seed in every row (the same z where p(z | y) is one prior for
-    all classes), so a column keeps its style while the class changes. ``[len(classes) * n, *data_shape]``."""
+    """Samples of a model of p(x, z | y) (``model.given(y=...)``), one row per class and ``n`` columns that share
+    their noise: row c holds E[x | z] for z ~ p(z | y = c) drawn with the same seed in every row (the same z where
+    p(z | y) is one prior for all classes), so a column keeps its style while the class changes.
+    ``[len(classes) * n, *data_shape]``."""
     rows = []
     for c in classes:
-        view = bind(model, {"y": torch.full((n,), int(c), dtype=torch.long, device=_device_of(model))})
+        view = model.given(y=torch.full((n,), int(c), dtype=torch.long, device=_device_of(model)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             z = view.prior.sample() if view.prior.batch_shape else view.prior.sample((n,))  # [n, d]
@@ -614,7 +615,7 @@ def draw_pictures(
     images = shows_as_images(x.shape[1:])  # pictures of examples; other data (vectors, say) get the rest
     if images and latent:
         figures["reconstructions"] = lambda: reconstructions_figure(bind(model, context, slice(0, 12)), x[:12])
-    if images and conditional and getattr(model, "context", ()) == ("y",) and getattr(model, "classes", None):
+    if images and callable(getattr(model, "given", None)) and getattr(model, "classes", None):  # p(x, z | y)
         figures["class_samples"] = lambda: class_samples_figure(model, range(model.classes))
     if images and latent and not conditional:
         figures["samples"] = lambda: samples_figure(model, 64)

@@ -721,8 +721,8 @@ def _ladder_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     records = d.get("ladder") or []
     if not records:
         out.append(
-            '<p class="missing">not computed: run <code>vaelab baselines --dataset NAME --runs RUN</code> first '
-            "(it writes RUN/ladder_SPACE.json, which this report shows)</p>"
+            '<p class="missing">no ladder for this run yet: <code>vaelab baselines --dataset NAME --runs RUN</code> '
+            "writes RUN/ladder_SPACE.json, which this report then shows</p>"
         )
     for record in records:
         bits = record.get("space") == "dequantized"
@@ -788,11 +788,27 @@ def _classification_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> 
         out.append(table(["quantity", "value", "meaning"], rows))
     elif c is not None:
         out.append(missing(c))
+    m = d.get("marginal")
+    if isinstance(m, Mapping):  # a model of p(x|y): the generative classifier's estimates, summed over the labels
+        k = fmt(m.get("k"))
+        rows = [
+            [f"log p(x|y), IWAE_{k} per class", num(pm(m.get("log_px_given_y"))), why("of the true label")],
+            ["log p(x) = log Σ_c p(x|c) p(c)", num(pm(m.get("log_px"))), why("the label summed out: beside a VAE's")],
+            [
+                "nats the label carries",
+                num(pm(m.get("label_nats"))),
+                why("log p(x|y) − log p(x) = log p(y|x) − log p(y)"),
+            ],
+        ]
+        out.append('<p class="meta">The generative classifier p(y|x) ∝ p(x|y) p(y), from the same estimates:</p>')
+        out.append(table(["quantity", "nats per example", "meaning"], rows))
     figures = [figure(n, pictures[n]) for n in SECTION_PICTURES["classification"] if n in pictures]
     if c is None and not figures:
         out.append('<p class="missing">not applicable: the model neither predicts labels nor is given them</p>')
     return "".join(out + figures)
 
+
+LABEL_NATS = "log p(x|y) − log p(x) = log p(y|x) − log p(y): at most log C for C equally likely classes"
 
 EXPLAIN_ECE = (
     f"sum over {CALIBRATION_BINS} equal-width confidence bins of the share of examples times |accuracy − confidence|: "
@@ -804,7 +820,7 @@ HANDLED = {
     "examples", "units", "elbo", "iwae", "log_px", "posterior_gap", "approximation_gap", "amortization_gap",
     "gap_decomposition", "elbo_forms", "estimator_study", "iwae_curve", "active_units", "latent_dim",
     "posterior_mean_variance", "kl_per_dim", "run_dir", "split", "weights", "seed", "diagnostics_examples",
-    "classification", "ladder",
+    "classification", "ladder", "marginal",
 }  # fmt: skip
 
 

@@ -101,6 +101,21 @@ class TrainResult:
     last_eval: dict[str, Any] | None
 
 
+def start_from_data(model: nn.Module, config: TrainConfig, x) -> None:
+    """What a freshly built model takes from its training examples ``x`` before step 0: the decoder's last bias at
+    the data mean, by the likelihood's rule, on the network the model says produces its parameters
+    (``config.init_decoder_bias``; models without ``output_net`` are left alone), and a prior's own start from the
+    data (the VampPrior's pseudo-inputs, ``prior_module.init_from_data``)."""
+    likelihood = getattr(model, "likelihood", None)
+    likelihood = LIKELIHOODS[config.likelihood] if likelihood is None else likelihood
+    output_net = getattr(model, "output_net", None)
+    if config.init_decoder_bias and output_net is not None and likelihood.bias_from_mean is not None:
+        init_decoder_bias(output_net, mean_example(x).clamp(0, 1), likelihood)
+    init_prior = getattr(getattr(model, "prior_module", None), "init_from_data", None)
+    if init_prior is not None:
+        init_prior(x)
+
+
 class Trainer:
     """Owns the model, optimizer, schedules, data order and run directory. ``fit()`` runs to the end or to a signal.
 
@@ -193,13 +208,8 @@ class Trainer:
         for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data)):
             if data is not None:
                 check_values(data["x"], support, name=name, support_name=support_name)
-        # The likelihood's rule, on the network the model says produces its parameters (models without one: skipped)
-        likelihood = getattr(self.model, "likelihood", None)
-        likelihood = LIKELIHOODS[config.likelihood] if likelihood is None else likelihood
-        output_net = getattr(self.model, "output_net", None)
-        if config.init_decoder_bias and built and resume_from is None and output_net is not None:
-            if likelihood.bias_from_mean is not None:
-                init_decoder_bias(output_net, mean_example(self.train_data["x"]).clamp(0, 1), likelihood)
+        if built and resume_from is None:
+            start_from_data(self.model, config, self.train_data["x"])
         if self.world > 1:
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical start on every rank
