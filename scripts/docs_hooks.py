@@ -6,7 +6,8 @@ function or class of a module the reference renders (``::: vaelab.<module>`` in 
 a class, whose name has no leading underscore and that is defined in vaelab itself (not imported into the module).
 Two kinds of method are exempt because their contract is the base class's, already documented there and in the
 class docstring: ``forward`` of a ``torch.nn.Module`` and the ``torch.distributions.Distribution`` interface
-(``log_prob``, ``sample``, ``rsample``, ``entropy``, ``expand``, ``support``) of a Distribution subclass.
+(``log_prob``, ``sample``, ``rsample``, ``entropy``, ``expand``, ``support``, ``enumerate_support``, ``cdf``,
+``icdf``) of a Distribution subclass.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 log = logging.getLogger("mkdocs.hooks.docstrings")
 
 _DIRECTIVE = re.compile(r"^:::\s+(vaelab(?:\.\w+)*)\s*$", re.MULTILINE)
-_EXEMPT = {"forward"} | {"log_prob", "sample", "rsample", "entropy", "expand", "support"}
+_NN_MODULE = {"forward"}
+_DISTRIBUTION = {"log_prob", "sample", "rsample", "entropy", "expand", "support", "enumerate_support", "cdf", "icdf"}
+_EXEMPT = _NN_MODULE | _DISTRIBUTION
 
 
 def _missing(obj, top: bool = True) -> list[str]:
