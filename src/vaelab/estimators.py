@@ -595,7 +595,7 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefix
             # Compiled, every chunk has the same size (a last, shorter one is drawn whole and cut): one compilation.
             lw = _compiled_chunk(model, x, r, chunk_size) if compile else None
             compile = lw is not None
-            stats.update(lw[:c] if compile else _log_weights(model, x, r, c))
+            stats.update(lw[:c] if lw is not None else _log_weights(model, x, r, c))
             done += c
     return stats
 
