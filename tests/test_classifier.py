@@ -94,3 +94,29 @@ def test_trains_from_a_config_beyond_chance_and_reloads(tmp_path):
         log_probs = class_log_probs(run.model, test_x)
     metrics = classification_metrics(log_probs, test_y)
     assert metrics["accuracy"] > 0.9
+
+
+def test_cli_trains_evaluates_and_reports_a_classifier(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tiny import tiny_labelled_npz
+
+    def cli(*args):
+        command = [sys.executable, "-m", "vaelab", *map(str, args)]
+        proc = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    data, run = tiny_labelled_npz(tmp_path / "bars.npz"), tmp_path / "run"
+    flags = ["--architecture-options", '{"hidden": [16]}', "--classes", "4", "--batch-size", "20", "--lr", "0.01"]
+    proc = cli("train", "--dataset", data, "--model", "classifier", *flags, "--max-steps", "30", "--validation-size",
+               "40", "--no-progress", "--no-compile", "--out", run)  # fmt: skip
+    assert "validation log p(y|x)" in proc.stdout and "accuracy" in proc.stdout
+    proc = cli("eval", run, "--no-progress")
+    assert "classification of 40 examples" in proc.stdout and "log p(x)" not in proc.stdout
+    assert json.loads((run / "eval_test.json").read_text())["classification"]["accuracy"] > 0.5  # chance: 0.25
+    cli("report", run, "--no-progress")  # no latent pictures for a model without latent variables
+    assert (run / "report.html").is_file()

@@ -496,6 +496,7 @@ def test_a_second_writer_is_refused_in_one_line_and_a_killed_writers_lock_does_n
     resumed.send_signal(signal.SIGINT)  # it runs: stop it cleanly
     resumed.wait(timeout=120)
     reader.join(timeout=60)
+    resumed.stderr.close()
     err = "".join(lines)
     assert resumed.returncode == 130, err[-3000:]
     assert "resumed from" in err and "Traceback" not in err
@@ -537,13 +538,34 @@ def test_baselines_ladder_on_tiny_data(tmp_path):
     tiny_run(tmp_path / "run", dataset=str(data), steps=20)
     out = tmp_path / "ladder.json"
     args = ["baselines", "--dataset", data, "--runs", tmp_path / "run", "--components", "2", "4", "--k", "10"]
-    proc = vaelab(*args, "--json", out, check=True)
-    assert "not comparable" not in proc.stdout and "kde-bernoulli" in proc.stdout, proc.stdout
+    more = ["--parzen-draws", "10", "100", "--autoencoder-steps", "20"]
+    proc = vaelab(*args, *more, "--json", out, check=True)
+    # the autoencoder alone has no number: it has no p(x)
+    assert proc.stdout.count("not comparable") == 1 and "not comparable: no p(x)" in proc.stdout, proc.stdout
+    assert "kde-bernoulli" in proc.stdout and "reconstruction -log p(x | E_q[z|x])" in proc.stdout
     table = json.loads(out.read_text())
     assert table["space"] == "binary" and table["split"] == "bars test[:40], binary as stored"
+    run = str(tmp_path / "run")
     names = [r["name"] for r in table["rows"]]
-    assert names == ["kde-bernoulli", "bernoulli-mixture", str(tmp_path / "run")]
-    assert all(math.isfinite(r["log_px"]["mean"]) and r["log_px"]["sem"] > 0 for r in table["rows"])
+    assert names == ["kde-bernoulli", "bernoulli-mixture", run, "run, Parzen on 10 draws", "run, Parzen on 100 draws",
+                     "autoencoder (run)"]  # fmt: skip
+    *scored, autoencoder = table["rows"]
+    assert all(math.isfinite(r["log_px"]["mean"]) and r["log_px"]["sem"] > 0 for r in scored)
+    assert math.isfinite(autoencoder["reconstruction"]["mean"]) and "log_px" not in autoencoder
+    assert Path(autoencoder["samples_picture"]) == tmp_path / "run" / "pictures" / "autoencoder_samples_binary.png"
+    assert Path(autoencoder["samples_picture"]).is_file()
+    assert vaelab(*args, "--parzen-draws", "0").stderr.endswith("--autoencoder-steps >= 0 (got 2000)\n")
+    # beside the run, where vaelab report shows it: every row, the autoencoder's without a log-likelihood
+    from vaelab.report import render_report
+    from vaelab.runs import load_run
+
+    beside = json.loads((tmp_path / "run" / "ladder_binary.json").read_text())
+    assert beside == table
+    pictures = {"autoencoder_samples_binary": Path(autoencoder["samples_picture"])}
+    text = render_report(load_run(tmp_path / "run"), {"ladder": [beside]}, pictures=pictures)
+    section = text[text.index('id="ladder"') : text.index('id="json"')]
+    assert all(name in section for name in names) and section.count("<tr>") == 1 + len(names)
+    assert "no p(x): a deterministic autoencoder" in section and section.count("<img") == 1
     # the binary data as dequantized grey: refused in one line; so are binary-only baselines on grey data
     for bad, why in [
         (["--space", "dequantized"], "is not 8-bit grey data"),

@@ -246,6 +246,10 @@ def test_cvae_trains_from_a_config_reloads_and_samples_given_a_class(tmp_path):
     images = conditional_samples(run.model, 6, 2)
     assert images.shape == (6, 1, 8, 8) and bool(((images >= 0) & (images <= 1)).all())
     assert conditional_samples(run.model, 5, None).shape == (5, 1, 8, 8)
+    from vaelab.plots import draw_pictures  # the report's pictures: given each example's label, and per class
+
+    pictures = draw_pictures(run.model, x[:12], tmp_path / "pictures", context={"y": y[:12]})
+    assert list(pictures) == ["reconstructions", "class_samples"]
 
 
 # --- the command line end to end ---------------------------------------------------------------------------------

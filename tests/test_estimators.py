@@ -20,7 +20,7 @@ from vaelab.estimators import _pareto_tail_size, _WeightStats, pareto_khat
 from vaelab.likelihoods import BernoulliLikelihood
 from vaelab.models import VAE
 from vaelab.priors import StandardNormal
-from vaelab.tolerance import Z_TOLERANCE, assert_within_stderr, reduction_error_bound, rounding_gamma
+from vaelab.tolerance import Z_TOLERANCE, assert_within_stderr, reduction_error_bound, rounding_gamma, tolerance
 
 DTYPE = torch.float64
 
@@ -350,7 +350,10 @@ def test_chunked_and_unchunked_log_marginal_agree(chunk_size):
     for name in ("value", "stderr", "ess"):
         diff = (getattr(chunked, name) - getattr(whole, name)).abs()
         assert bool((diff <= bounds[name]).all()), (name, diff, bounds[name])
-    assert torch.equal(chunked.pareto_k, whole.pareto_k)
+    # the log-weights of a chunk come from decoder passes of another batch size, whose kernels may round otherwise
+    # (they do on some Intel CPUs): the same top weights up to rounding, so k-hat within the dtype's rounding slack
+    k_diff = (chunked.pareto_k - whole.pareto_k).abs()
+    assert bool((k_diff <= tolerance(torch.zeros_like(whole.pareto_k), whole.pareto_k)).all()), k_diff
     assert bool(((gap_chunked.value - gap_whole.value).abs() <= bounds["gap"]).all())
     # and the streamed reductions equal the direct ones on the full log-weight matrix
     torch.testing.assert_close(whole.value, torch.logsumexp(lw, 0) - math.log(k))

@@ -18,17 +18,21 @@ from torch.distributions import Laplace, constraints
 from vaelab.config import TrainConfig, build_model
 from vaelab.estimators import check_data
 from vaelab.likelihoods import (
+    LEVELS,
     LIKELIHOODS,
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
+    DiscretizedLogistic,
+    DiscretizedLogisticLikelihood,
     GaussianLikelihood,
     LearnedGaussianLikelihood,
     Likelihood,
+    eight_bit,
 )
 from vaelab.models import VAE
 from vaelab.nets import init_decoder_bias
 from vaelab.priors import StandardNormal
-from vaelab.tolerance import reduction_error_bound
+from vaelab.tolerance import reduction_error_bound, rounding_gamma
 
 DATA_SHAPES = [(5,), (2, 3)]
 K, B = 3, 4  # samples of z, examples
@@ -53,6 +57,8 @@ def _data(support, shape, generator, dtype=torch.float64) -> torch.Tensor:
         return torch.rand(shape, generator=generator, dtype=dtype)
     if support is constraints.real:
         return torch.randn(shape, generator=generator, dtype=dtype)
+    if support is eight_bit:
+        return torch.randint(0, LEVELS, shape, generator=generator).to(dtype) / (LEVELS - 1)
     raise NotImplementedError(f"no test data for support {support}; add a case here for the new likelihood")
 
 
@@ -394,7 +400,12 @@ def test_bias_from_mean_gives_the_decoder_output_of_that_mean(name):
     mean = torch.linspace(0.01, 0.99, 6, dtype=torch.float64)
     likelihood = LIKELIHOODS[name]((6,))
     dist = likelihood(likelihood.bias_from_mean(mean)).base_dist
-    fitted = dist.probs if isinstance(likelihood, ContinuousBernoulliLikelihood) else dist.mean
+    if isinstance(likelihood, ContinuousBernoulliLikelihood):
+        fitted = dist.probs
+    elif isinstance(likelihood, DiscretizedLogisticLikelihood):
+        fitted = dist.loc  # the logistic's location; the discretized mean is pulled towards 1/2 by the edge bins
+    else:
+        fitted = dist.mean
     torch.testing.assert_close(fitted.detach(), mean, rtol=1e-12, atol=1e-12)
 
 
@@ -426,3 +437,115 @@ def test_a_new_likelihood_is_one_class_and_one_registry_line(monkeypatch):
     mean = torch.linspace(-1, 1, 4, dtype=torch.float64)
     init_decoder_bias(model.output_net, mean, model.likelihood)
     torch.testing.assert_close(model.decoder.output_layer.bias.detach(), mean)
+
+
+# --- the discretized logistic (8-bit pixels) --------------------------------------------------------------------------
+LOCS_SCALES = [(0.5, 0.1), (0.0, 1e-3), (1.3, 0.02), (-2.0, 0.05), (0.37, 30.0), (0.9, 1e-4)]
+
+
+def _logistic_bin_log_mass(x: np.ndarray, loc: float, scale: float) -> np.ndarray:
+    """log P(x) from scipy's logistic log-cdf / log-survival, on the side of loc where neither cancels."""
+    h = 0.5 / 255
+    a, b = (x + h - loc) / scale, (x - h - loc) / scale
+    d = scipy.stats.logistic
+    with np.errstate(divide="ignore", invalid="ignore"):  # each side is used only where it does not cancel
+        upper_tail = d.logsf(b) + np.log(-np.expm1(d.logsf(a) - d.logsf(b)))  # sf(b) - sf(a)
+        lower_tail = d.logcdf(a) + np.log(-np.expm1(d.logcdf(b) - d.logcdf(a)))  # cdf(a) - cdf(b)
+    out = np.where(x > loc, upper_tail, lower_tail)
+    out = np.where(x == 0, d.logcdf(a), out)
+    return np.where(x == 1, d.logsf(b), out)
+
+
+@pytest.mark.parametrize(("loc", "scale"), LOCS_SCALES)
+def test_discretized_logistic_masses_sum_to_one(loc, scale):
+    dist = DiscretizedLogistic(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
+    levels = torch.arange(LEVELS, dtype=torch.float64) / (LEVELS - 1)
+    log_p = dist.log_prob(levels)  # (256,)
+    assert bool(torch.isfinite(log_p).all()) and bool((log_p <= 0).all())
+    # Derived bound, no fitted tolerance: a = (x + h - loc) / scale and b carry relative rounding errors of a few
+    # units (gamma_4), log sigma has slope <= 1, so log P_k is off by <= gamma_8 (1 + |a_k| + |b_k|) and P_k by that
+    # relative amount; the sum of 256 terms adds Higham's gamma_256.
+    h = 0.5 / (LEVELS - 1)
+    a, b = (levels + h - loc) / scale, (levels - h - loc) / scale
+    p = log_p.exp()
+    bound = rounding_gamma(8, torch.float64) * float((p * (1 + a.abs() + b.abs())).sum())
+    assert abs(float(p.sum()) - 1.0) <= bound + rounding_gamma(LEVELS, torch.float64)
+    torch.testing.assert_close(dist.enumerate_support(), levels.reshape(-1))
+
+
+@pytest.mark.parametrize(("loc", "scale"), LOCS_SCALES)
+def test_discretized_logistic_matches_scipy_including_the_far_tails(loc, scale):
+    levels = np.arange(LEVELS) / (LEVELS - 1)
+    dist = DiscretizedLogistic(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
+    got = dist.log_prob(torch.from_numpy(levels)).numpy()
+    expected = _logistic_bin_log_mass(levels, loc, scale)
+    assert np.isfinite(expected).all()  # the reference stays finite too: -1e5 nats and below at scale 1e-4
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_discretized_logistic_likelihood_shapes_mean_and_samples():
+    gen = torch.Generator().manual_seed(13)
+    likelihood = DiscretizedLogisticLikelihood((2, 3), shared=True, init_scale=0.2).to(torch.float64)
+    loc = torch.rand(B, 2, 3, generator=gen, dtype=torch.float64)
+    dist = likelihood(loc)
+    base = dist.base_dist
+    levels = base.enumerate_support()  # (256, B, 2, 3)
+    by_hand = (levels * base.log_prob(levels).exp()).sum(0)
+    torch.testing.assert_close(base.mean, by_hand)
+    torch.manual_seed(0)
+    x = dist.sample((50,))
+    assert x.shape == (50, B, 2, 3) and bool(eight_bit.check(x).all())
+    assert (x.mean(0) - base.mean).abs().max() < 0.2  # a draw's mean near the mean (scale 0.2, 50 draws)
+    bits = DiscretizedLogisticLikelihood.bits_per_dim(dist.log_prob(x[0]), 6)
+    torch.testing.assert_close(bits, -dist.log_prob(x[0]) / (6 * math.log(2)))
+
+
+def test_discretized_logistic_gradcheck_wrt_loc_and_scale():
+    gen = torch.Generator().manual_seed(14)
+    likelihood = DiscretizedLogisticLikelihood((2, 3), init_scale=0.05).to(torch.float64)
+    raw_scale = likelihood.raw_scale.detach() + 0.3 * torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    loc = torch.rand(B, 2, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    x = _data(eight_bit, (B, 2, 3), gen)
+    x[0, 0] = 0.0  # both edge bins and interior bins
+    x[1, 1] = 1.0
+
+    def log_prob(loc, raw_scale):
+        return torch.func.functional_call(likelihood, {"raw_scale": raw_scale}, (loc,)).log_prob(x)
+
+    assert torch.autograd.gradcheck(log_prob, (loc, raw_scale.requires_grad_()))
+
+
+def test_discretized_logistic_data_must_be_on_the_eight_bit_grid():
+    config = TrainConfig(likelihood="discretized-logistic", latent_dim=2, architecture_options={"hidden": [8]})
+    assert not config.binarizes
+    model = build_model(config, (4,))
+    check_data(model, torch.tensor([[0.0, 1.0, 128 / 255, 3 / 255]]))
+    check_data(model, (torch.tensor([[0.0, 1.0, 128 / 255, 3 / 255]], dtype=torch.float64) * 1).float())
+    for bad, match in ((0.5, "outside"), (-1 / 255, "outside"), (math.nan, "NaN")):
+        with pytest.raises(ValueError, match=match):
+            check_data(model, torch.tensor([[0.0, bad, 0.0, 1.0]]))
+
+
+def test_discretized_logistic_trains_on_eight_bit_data(tmp_path):
+    from vaelab.runs import load_run
+    from vaelab.train import train
+
+    gen = torch.Generator().manual_seed(15)
+    data = torch.randint(0, LEVELS, (100, 16), generator=gen).to(torch.uint8)
+    config = TrainConfig(
+        latent_dim=2,
+        likelihood="discretized-logistic",
+        architecture_options={"hidden": [8]},
+        batch_size=50,
+        max_steps=4,
+        validation_size=0,
+        eval_k=2,
+        eval_examples=20,
+        compile=False,
+        progress=False,
+    )
+    result = train(config, data, data[:20], tmp_path / "run")
+    assert result.step == 4
+    model = load_run(tmp_path / "run").model
+    scale = model.likelihood.scale.detach()
+    assert bool(torch.isfinite(scale).all()) and not torch.allclose(scale, torch.full_like(scale, 0.1))

@@ -24,10 +24,13 @@ from vaelab.objectives import (
     OBJECTIVES,
     ObjectiveOutput,
     capacity_objective,
+    ciwae_objective,
     elbo_objective,
     free_bits_objective,
     iwae_dreg_objective,
     iwae_objective,
+    miwae_objective,
+    piwae_objective,
 )
 from vaelab.priors import StandardNormal
 from vaelab.tolerance import assert_within_stderr
@@ -35,7 +38,13 @@ from vaelab.tolerance import assert_within_stderr
 DTYPE = torch.float64
 
 # keyword arguments each objective needs beyond (model, x); anything else takes its default
-REQUIRED = {"capacity": dict(capacity=0.5, gamma=10.0), "free_bits": dict(free_nats=0.1)}
+REQUIRED = {
+    "capacity": dict(capacity=0.5, gamma=10.0),
+    "free_bits": dict(free_nats=0.1),
+    "miwae": dict(m=2),
+    "ciwae": dict(elbo_weight=0.5),
+    "piwae": dict(m=2),
+}
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------------
@@ -84,7 +93,7 @@ def assert_same(actual, expected, what):
 
 # --- the interface ----------------------------------------------------------------------------------------------------
 def test_registry_lists_every_objective():
-    assert set(OBJECTIVES) == {"elbo", "capacity", "free_bits", "iwae", "iwae_dreg"}
+    assert set(OBJECTIVES) == {"elbo", "capacity", "free_bits", "iwae", "iwae_dreg", "miwae", "ciwae", "piwae"}
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -122,7 +131,7 @@ def test_bad_k_and_beta_are_rejected(name):
             OBJECTIVES[name](model, x, beta=beta, **extra)
 
 
-@pytest.mark.parametrize("name", ["capacity", "iwae", "iwae_dreg"])
+@pytest.mark.parametrize("name", ["capacity", "iwae", "iwae_dreg", "miwae", "ciwae", "piwae"])
 def test_objectives_without_a_kl_weight_refuse_beta(name):
     model, x = make_model()
     OBJECTIVES[name](model, x, beta=1.0, **REQUIRED.get(name, {}))  # the default is fine
@@ -312,3 +321,113 @@ def test_dreg_on_a_vae_trains_both_networks():
             assert_same(g_dreg[name], g_iwae[name], f"DReG gradient of {name}")
         else:
             assert not torch.allclose(g_dreg[name], g_iwae[name])  # a different estimator of the same mean
+
+
+# --- MIWAE, CIWAE, PIWAE (Rainforth et al., 2018) ---------------------------------------------------------------------
+def test_miwae_is_the_mean_of_m_iwae_bounds_with_iwae_and_elbo_as_its_ends():
+    model, x = make_model()
+    m, k = 3, 4
+    lw = seeded(log_weights, 5, model, x, k=m * k)  # (M * K, B), the same draws as inside the objective
+    by_hand = torch.stack([iwae_from(lw[i * k : (i + 1) * k]) for i in range(m)]).mean(0)
+    assert_same(seeded(miwae_objective, 5, model, x, m=m, k=k).loss, -by_hand, "MIWAE(3, 4)")
+    iwae = seeded(iwae_bound, 5, model, x, k=k)
+    assert_same(seeded(miwae_objective, 5, model, x, m=1, k=k).loss, -iwae, "MIWAE(1, K)")
+    elbo = seeded(elbo_parts, 5, model, x, k=m, form="joint").elbo  # the ELBO from M samples
+    assert_same(seeded(miwae_objective, 5, model, x, m=m, k=1).loss, -elbo, "MIWAE(M, 1)")
+
+
+def iwae_from(lw):
+    return torch.logsumexp(lw, 0) - math.log(lw.shape[0])
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_ciwae_mixes_elbo_and_iwae_from_the_same_draws(weight):
+    model, x = make_model()
+    out = seeded(ciwae_objective, 5, model, x, k=6, elbo_weight=weight)
+    elbo = seeded(elbo_parts, 5, model, x, k=6, form="joint").elbo
+    iwae = seeded(iwae_bound, 5, model, x, k=6)
+    assert_same(out.loss, -(weight * elbo + (1 - weight) * iwae), f"CIWAE({weight})")
+    assert_same(out.elbo, elbo, "CIWAE's reported ELBO")
+    with pytest.raises(ValueError, match="elbo_weight"):
+        ciwae_objective(model, x, k=2, elbo_weight=1.5)
+
+
+def test_bounds_with_the_exact_posterior_are_log_px_exactly():
+    """With q = p(z|x) every log-weight is log p(x): MIWAE, CIWAE and PIWAE all equal it up to rounding."""
+    model, x = make_model()
+    exact = model.log_marginal_exact(x)
+    for out in (
+        miwae_objective(model, x, m=3, k=2),
+        ciwae_objective(model, x, k=3, elbo_weight=0.4),
+        piwae_objective(model, x, m=3, k=2),
+    ):
+        assert_same(out.loss, -exact, "bound with the exact posterior")
+
+
+def piwae_vae(m, k):
+    torch.manual_seed(0)
+    vae = VAE(
+        prior=StandardNormal(2),
+        encoder=torch.nn.Linear(6, 4),
+        decoder=torch.nn.Linear(2, 6),
+        likelihood=BernoulliLikelihood((6,)),
+    ).to(DTYPE)
+    x = torch.bernoulli(torch.full((5, 6), 0.5, dtype=DTYPE))
+    names = [n for n, _ in vae.named_parameters()]
+
+    def grads_of(objective, **options):
+        out = seeded(objective, 3, vae, x, **options)
+        return out, dict(zip(names, grads(out.loss, vae.parameters()), strict=True))
+
+    return grads_of
+
+
+def test_piwae_gives_the_encoder_miwae_and_the_decoder_iwae_mk_gradients():
+    m, k = 3, 4
+    grads_of = piwae_vae(m, k)
+    out, g_piwae = grads_of(piwae_objective, m=m, k=k)
+    ref_iwae, g_iwae = grads_of(iwae_objective, k=m * k)  # the same M * K draws
+    _, g_miwae = grads_of(miwae_objective, m=m, k=k)
+    assert_same(out.loss, ref_iwae.loss, "PIWAE's value is -IWAE_{MK}")
+    assert_same(out.elbo, ref_iwae.elbo, "PIWAE's reported ELBO")
+    for name, g in g_piwae.items():
+        assert bool(torch.isfinite(g).all())
+        expected = g_iwae if name.startswith("decoder") else g_miwae
+        assert_same(g, expected[name], f"PIWAE gradient of {name}")
+        other = g_miwae if name.startswith("decoder") else g_iwae
+        assert not torch.allclose(g, other[name]), f"the test cannot tell the two gradients of {name} apart"
+
+
+def test_piwae_with_one_group_is_iwae_for_both_networks():
+    grads_of = piwae_vae(1, 5)
+    _, g_piwae = grads_of(piwae_objective, m=1, k=5)
+    _, g_iwae = grads_of(iwae_objective, k=5)
+    for name, g in g_piwae.items():
+        assert_same(g, g_iwae[name], f"PIWAE(1, K) gradient of {name}")
+
+
+@pytest.mark.parametrize("name", ["miwae", "ciwae", "piwae"])
+def test_tighter_bound_objectives_train_from_a_config(name, tmp_path):
+    from vaelab.config import TrainConfig
+    from vaelab.train import train
+
+    gen = torch.Generator().manual_seed(10)
+    data = torch.rand(100, 16, generator=gen)
+    config = TrainConfig(
+        latent_dim=2,
+        objective=name,
+        k=2,
+        objective_options=REQUIRED[name],
+        architecture_options={"hidden": [8]},
+        batch_size=50,
+        max_steps=4,
+        validation_size=0,
+        eval_k=2,
+        eval_examples=20,
+        compile=False,
+        progress=False,
+    )
+    result = train(config, data, data[:20], tmp_path / "run")
+    assert result.step == 4
+    with pytest.raises(ValueError, match="needs m"):
+        TrainConfig(objective="miwae")

@@ -214,3 +214,53 @@ def test_hierarchical_model_pictures(tmp_path, test_data):
     expect_size(latent_scatter_figure(model, x, labels), tmp_path / "latents.png")
     pictures = draw_pictures(model, x, tmp_path / "pictures", labels=labels)
     assert list(pictures) == ["reconstructions", "samples", "traversals", "latents"]
+
+
+def test_class_samples_share_their_noise_across_classes():
+    from tiny import ClassMeanGaussian
+    from vaelab.plots import class_sample_images
+
+    model = ClassMeanGaussian(6, 2, 3, seed=4, dtype=torch.float64)
+    images = class_sample_images(model, [0, 2], 5, seed=11).view(2, 5, 6)  # [class, column, D]
+    w, m = model.weight.detach(), model.means.detach()
+    # E[x | z] = W z + b with z = m_y + eps and the same eps down a column: rows differ by W (m_2 - m_0) everywhere
+    shift = (m[2] - m[0]) @ w.T
+    torch.testing.assert_close(images[1] - images[0], shift.expand(5, -1), rtol=0, atol=1e-12)
+    assert not torch.allclose(images[0, 0], images[0, 1])  # columns differ
+    torch.testing.assert_close(class_sample_images(model, [0, 2], 5, seed=11).view(2, 5, 6), images)  # seeded
+
+
+def classified(n: int = 200, classes: int = 4) -> dict:
+    from vaelab.evaluate import classification_metrics
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64) + 2.5 * nn.functional.one_hot(labels, classes)
+    return classification_metrics(logits.log_softmax(-1), labels)
+
+
+def test_reliability_and_confusion_figures(tmp_path):
+    from vaelab.plots import confusion_figure, reliability_figure
+
+    metrics = classified()
+    expect_size(reliability_figure(metrics["reliability"], ece=metrics["ece"]), tmp_path / "reliability.png")
+    expect_size(confusion_figure(metrics["confusion"]), tmp_path / "confusion.png")
+
+
+def test_draw_pictures_of_a_classifier_has_no_pictures_of_z(test_data, tmp_path):
+    x, _ = test_data
+
+    class Linear(nn.Module):  # p(y|x) only: no prior, encode or decode
+        classes = 4
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(x[0].numel(), self.classes)
+
+        def classify(self, x):
+            return torch.distributions.Categorical(logits=self.net(x.flatten(1)))
+
+    pictures = draw_pictures(Linear(), x, tmp_path, diagnostics={"classification": classified()})
+    assert list(pictures) == ["reliability", "confusion"]
+    for path in pictures.values():
+        png_size(path)

@@ -1,5 +1,5 @@
 """Tests for vaelab.priors: shapes and broadcasting, densities against scipy, dtype, gradients, validation; the
-mixture-of-Gaussians prior also trains from a config through vaelab.train.train."""
+mixture-of-Gaussians prior and the VampPrior also train from a config through vaelab.train.train."""
 
 from __future__ import annotations
 
@@ -10,11 +10,30 @@ import scipy.stats
 import torch
 from torch.distributions import Independent, MixtureSameFamily, Normal
 
-from vaelab.priors import PRIORS, LearnedGaussian, MixtureOfGaussians, StandardNormal
+from vaelab.likelihoods import BernoulliLikelihood
+from vaelab.models import VAE
+from vaelab.priors import PRIORS, LearnedGaussian, MixtureOfGaussians, StandardNormal, VampPrior
 
 D = 3  # latent dimension
 K, B = 4, 5  # samples, examples
 GAUSSIAN_PRIORS = ("learned-gaussian", "standard-normal")  # Independent(Normal, 1)
+PIXELS = 6  # data dimension of the small VAE a prior built on the model's encoder (the VampPrior) is attached to
+
+
+def build_prior(name: str, dtype: torch.dtype = torch.float32, latent_dim: int = D, **options) -> torch.nn.Module:
+    """PRIORS[name] in ``dtype``; a prior with ``attach`` (it uses the model's encoder) inside a small VAE."""
+    prior = PRIORS[name](latent_dim, **options)
+    if hasattr(prior, "attach"):
+        vae = VAE(
+            prior=prior,
+            encoder=torch.nn.Sequential(
+                torch.nn.Linear(PIXELS, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2 * latent_dim)
+            ),
+            decoder=torch.nn.Linear(latent_dim, PIXELS),
+            likelihood=BernoulliLikelihood((PIXELS,)),
+        )
+        return vae.to(dtype).prior_module
+    return prior.to(dtype)
 
 
 @pytest.mark.parametrize("name", GAUSSIAN_PRIORS)
@@ -29,7 +48,7 @@ def test_independent_normal_with_scalar_batch(name):
 @pytest.mark.parametrize("name", sorted(PRIORS))
 def test_log_prob_broadcasts_over_samples_and_examples(name):
     gen = torch.Generator().manual_seed(0)
-    prior = PRIORS[name](D).to(torch.float64)
+    prior = build_prior(name, torch.float64)
     z = torch.randn(K, B, D, generator=gen, dtype=torch.float64)
     log_prob = prior().log_prob(z)
     assert log_prob.shape == (K, B)
@@ -87,7 +106,7 @@ def test_standard_normal_has_nothing_to_learn():
 
 @pytest.mark.parametrize("name", sorted(PRIORS))
 def test_follows_module_dtype(name):
-    prior = PRIORS[name](D).to(torch.float64)
+    prior = build_prior(name, torch.float64)
     dist = prior()
     assert dist.mean.dtype == torch.float64
     assert dist.variance.dtype == torch.float64
@@ -228,3 +247,114 @@ def test_mixture_prior_trains_from_a_config_and_reloads(tmp_path):
     for name, value in trained.state_dict().items():  # every prior parameter moved, and stayed finite
         assert bool(torch.isfinite(value).all())
         assert not torch.equal(value, start[name]), f"the prior's {name} did not train"
+
+
+# --- the VampPrior ----------------------------------------------------------------------------------------------------
+def small_vamp(components: int = 7, seed: int = 11) -> tuple[VAE, VampPrior]:
+    torch.manual_seed(seed)
+    prior = build_prior("vamp", torch.float64, pseudo_inputs=components)
+    vae = prior._encode.__self__
+    return vae, prior
+
+
+def test_vamp_log_prob_is_the_mean_of_the_encoder_over_pseudo_inputs():
+    vae, prior = small_vamp()
+    gen = torch.Generator().manual_seed(12)
+    z = 2 * torch.randn(K, B, D, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        out = vae.encoder(prior.pseudo_inputs).numpy()  # (C, 2d): loc, raw scale
+    loc, scale = out[:, :D], np.logaddexp(0.0, out[:, D:]) + vae.posterior.min_scale  # softplus, in numpy
+    per_component = scipy.stats.norm.logpdf(z.numpy()[..., None, :], loc=loc, scale=scale).sum(-1)  # (K, B, C)
+    expected = scipy.special.logsumexp(per_component, axis=-1) - np.log(7)  # log (1/C) sum_c q(z|u_c)
+    np.testing.assert_allclose(prior().log_prob(z).detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_vamp_registers_only_its_pseudo_inputs_and_the_encoder_once():
+    vae, prior = small_vamp()
+    assert [name for name, _ in prior.named_parameters()] == ["pseudo_inputs"]
+    assert prior.pseudo_inputs.shape == (7, PIXELS)
+    names = [name for name, _ in vae.named_parameters()]
+    assert len(names) == len(set(names)) and "prior_module.pseudo_inputs" in names
+    assert sum(name.startswith("encoder.") for name in names) == 4
+    assert not any("encoder" in name for name in vae.prior_module.state_dict())
+    # gradients of log p(z) reach the pseudo-inputs and, through the shared encoder, the encoder's parameters
+    prior().log_prob(torch.zeros(B, D, dtype=torch.float64)).sum().backward()
+    for name, parameter in vae.named_parameters():
+        if name.startswith(("encoder.", "prior_module.")):
+            assert parameter.grad is not None and bool(parameter.grad.abs().sum() > 0), name
+
+
+def test_vamp_starts_at_distinct_training_examples_or_stays_random():
+    _, prior = small_vamp(components=5)
+    x = torch.arange(8 * PIXELS, dtype=torch.float64).reshape(8, PIXELS) / (8 * PIXELS)
+    prior.init_from_data(x)
+    rows = [int(torch.nonzero((x == u).all(1))[0, 0]) for u in prior.pseudo_inputs.detach()]
+    assert len(set(rows)) == 5  # five distinct rows of x
+    prior.init_from_data((x[:2] * 255).to(torch.uint8))  # fewer rows than pseudo-inputs, 8-bit: rows reused, / 255
+    assert bool(
+        ((prior.pseudo_inputs * 255).round() == (x[:2] * 255).to(torch.uint8)[:, None].double()).all(-1).any(0).all()
+    )
+    torch.manual_seed(0)
+    random = build_prior("vamp", pseudo_inputs=3, init="random")
+    start = random.pseudo_inputs.detach().clone()
+    random.init_from_data(x.float())
+    assert torch.equal(random.pseudo_inputs.detach(), start)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"pseudo_inputs": 0}, "pseudo_inputs must be an integer"), ({"init": "zeros"}, "init must be one of")],
+)
+def test_vamp_bad_options_and_a_missing_encoder_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        VampPrior(D, **options)
+    with pytest.raises(RuntimeError, match="no encoder"):
+        VampPrior(D)()
+
+
+def test_vamp_prior_trains_from_a_config_and_round_trips_through_a_checkpoint(tmp_path):
+    from safetensors import safe_open
+
+    from vaelab.config import TrainConfig, build_model
+    from vaelab.runs import load_run
+    from vaelab.train import train
+
+    gen = torch.Generator().manual_seed(10)
+    data = torch.rand(200, 16, generator=gen)  # pixel probabilities, binarized at every step
+    config = TrainConfig(
+        latent_dim=2,
+        prior="vamp",
+        prior_options={"pseudo_inputs": 5},
+        architecture_options={"hidden": [8]},
+        batch_size=50,
+        max_steps=6,
+        validation_size=0,
+        eval_k=2,
+        eval_examples=20,
+        compile=False,
+        progress=False,
+    )
+    result = train(config, data, data[:20], tmp_path / "run")
+    assert result.step == 6
+    with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        saved = {key: f.get_tensor(key) for key in keys}
+    encoder_keys = [key for key in keys if "encoder" in key]
+    assert encoder_keys and all(key.startswith("encoder.") for key in encoder_keys)  # the encoder once, not in prior
+    assert [key for key in keys if key.startswith("prior_module.")] == ["prior_module.pseudo_inputs"]
+    run = load_run(tmp_path / "run")
+    trained = run.model.prior_module
+    assert isinstance(trained, VampPrior) and trained._encode.__self__ is run.model
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    z = torch.randn(3, 2, generator=gen)
+    with torch.no_grad():  # the reloaded prior is the trained one: its components from the reloaded encoder
+        expected = torch.logsumexp(run.model.encode(trained.pseudo_inputs).log_prob(z[:, None]), -1) - np.log(5)
+        torch.testing.assert_close(trained().log_prob(z), expected)
+    # the pseudo-inputs started at training examples and then trained
+    torch.manual_seed(config.seed)
+    random_start = build_model(config, (16,)).prior_module.pseudo_inputs
+    pseudo = trained.pseudo_inputs.detach()
+    assert bool(torch.isfinite(pseudo).all()) and not torch.equal(pseudo, random_start)
+    assert bool(((pseudo[:, None] - data[None]).abs().amax(-1).amin(-1) > 0).all())  # moved off the examples
+    assert bool(((pseudo[:, None] - data[None]).abs().amax(-1).amin(-1) < 0.1).all())  # but not far, in 6 steps

@@ -231,3 +231,28 @@ def test_cli_report_user_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vaelab report: error:") and message in err and "\n" not in err
+
+
+def test_a_classifiers_report_leads_with_its_error_and_shows_calibration(report, tmp_path):
+    from vaelab.evaluate import classification_metrics
+    from vaelab.plots import confusion_figure, reliability_figure, save_figure
+
+    path, _, _ = report
+    run = load_run(path.parent.parent / "run")
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    log_probs = (torch.randn(50, 3, generator=g, dtype=torch.float64) + 2 * torch.eye(3)[labels]).log_softmax(-1)
+    metrics = classification_metrics(log_probs, labels)
+    pictures = {
+        "reliability": save_figure(reliability_figure(metrics["reliability"]), tmp_path / "r.png"),
+        "confusion": save_figure(confusion_figure(metrics["confusion"]), tmp_path / "c.png"),
+    }
+    text = render_report(run, {"classification": metrics, "examples": 50}, pictures=pictures)
+    parsed = structure(text)
+    assert not parsed.errors and "classification" in parsed.ids
+    summary = text[text.index('id="summary"') : text.index('id="config"')]
+    assert f"{100 * metrics['error']:.2f} %" in summary  # the error leads; no log p(x) row is invented
+    section = text[text.index('id="classification"') : text.index('id="json"')]
+    assert f"{100 * metrics['accuracy']:.2f} %" in section and f"{metrics['ece']:.4f}" in section
+    assert section.count("<img") == 2 and "Reliability diagram" in section and "Confusion matrix" in section
+    assert 'id="other"' not in text  # the classification numbers have their section, not the "other" listing

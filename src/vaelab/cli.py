@@ -654,10 +654,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if args.json else run_dir / "diagnostics_test.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(result, indent=2))
+    for path in sorted(run_dir.glob("ladder_*.json")):  # written by vaelab baselines --runs RUN
+        result.setdefault("ladder", []).append(json.loads(path.read_text()))
     torch_seed(args.seed)
     pictures = draw_pictures(
         run.model, x, run_dir / "pictures", labels=labels, metrics=run.metrics, diagnostics=result, context=context
     )
+    for path in sorted((run_dir / "pictures").glob("autoencoder_samples_*.png")):
+        pictures[path.stem] = path
     out = write_report(run, result, Path(args.out) if args.out else run_dir / "report.html", pictures=pictures)
     slow = "" if found is None else f" ({found.examples} for the slow ones)"
     print(f"diagnostics of {len(x)} test examples{slow} written to {json_path}")
@@ -736,19 +740,30 @@ def _add_compare(sub) -> None:
 
 # --- baselines: the density-estimation ladder ------------------------------------------------------------------------
 def _cmd_baselines(args: argparse.Namespace) -> int:
+    import torch
+
+    from vaelab.autoencoder import autoencoder_row
     from vaelab.baselines import (
         BINARY,
         DEQUANTIZED,
         LadderSettings,
         format_ladder,
         ladder_data,
+        parzen_rows,
         run_ladder,
         score_run,
     )
+    from vaelab.checkpoint import atomic_write_text
     from vaelab.data import load_dataset
+    from vaelab.plots import sample_images, save_grid, shows_as_images
     from vaelab.report import as_json
 
     _check_at_least_one(args, "examples", "valid_examples", "train_examples", "k")
+    if any(n < 1 for n in args.parzen_draws) or args.autoencoder_steps < 0:
+        raise UserError(
+            f"--parzen-draws must be numbers >= 1 (got {args.parzen_draws}) and --autoencoder-steps >= 0 "
+            f"(got {args.autoencoder_steps})"
+        )
     runs = [(str(run_dir), _load(run_dir)) for run_dir in args.runs]
     splits = load_dataset(args.dataset, data_dir=args.data_dir, validation_size=args.validation_size)
     space = args.space
@@ -771,7 +786,19 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
     )
     torch_seed(args.seed)
     rows = run_ladder(data, args.baselines, settings)
-    rows += [score_run(name, run, data, k=args.k, dataset=str(args.dataset)) for name, run in runs]
+    for name, run in runs:
+        rows.append(score_run(name, run, data, k=args.k, dataset=str(args.dataset)))
+        if "not_comparable" in rows[-1]:
+            continue
+        rows += parzen_rows(name, run, data, samples=args.parzen_draws, seed=args.seed) if args.parzen_draws else []
+        if args.autoencoder_steps:
+            row, autoencoder = autoencoder_row(name, run, data, steps=args.autoencoder_steps, seed=args.seed)
+            rows.append(row)
+            if shows_as_images(data.data_shape):
+                images = torch.cat([sample_images(run.model, 32), autoencoder.sample(32, seed=args.seed)])
+                picture = save_grid(Path(name) / "pictures" / f"autoencoder_samples_{data.space}.png", images,
+                                    data.data_shape, ncol=8)  # fmt: skip
+                row["samples_picture"] = str(picture)
     print(format_ladder(rows, data.space, data.split))
     out = Path(args.json or f"baselines_{splits.name}_{data.space}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -784,11 +811,14 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
     }
     out.write_text(json.dumps(as_json(record), indent=2))
     print(f"results written to {out}")
+    for name, _ in runs:  # beside each run too, where vaelab report finds it
+        if any(row["name"] == name and "not_comparable" not in row for row in rows):
+            atomic_write_text(Path(name) / f"ladder_{data.space}.json", json.dumps(as_json(record), indent=2))
     return 0
 
 
 def _add_baselines(sub) -> None:
-    from vaelab.baselines import BASELINES
+    from vaelab.baselines import BASELINES, PARZEN_SAMPLES
 
     on_ladder = [name for name, b in BASELINES.items() if b.spaces]
     p = sub.add_parser(
@@ -841,6 +871,17 @@ def _add_baselines(sub) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="binarization, dequantization and fit seed (default: %(default)s)"
     )
+    p.add_argument(
+        "--parzen-draws", type=int, nargs="*", default=list(PARZEN_SAMPLES), metavar="N",
+        help="for each run, Parzen-window estimates (a KDE of N model draws, bandwidth by validation: the GAN-era "
+        "protocol) beside its log p(x); none given: skip (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--autoencoder-steps", type=int, default=2000,
+        help="for each run, train a deterministic autoencoder with its networks for this many steps and show its "
+        "reconstruction error and samples (RUN/pictures/autoencoder_samples_SPACE.png: the VAE's top half, the "
+        "autoencoder's bottom); 0: skip (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", help="device of the torch fits, e.g. cuda (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", default=None, help="(default: baselines_DATASET_SPACE.json)")
     p.set_defaults(func=_cmd_baselines)

@@ -176,7 +176,8 @@ class GivenLabels:
 
     def __init__(self, model: ConditionalVAE, y: torch.Tensor):
         if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"y must be a 1-D integer tensor of labels, got {getattr(y, 'shape', y)!r}")
+            got = f"{y.dtype} of shape {list(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be a 1-D integer tensor of labels, got {got}")
         if not torch.compiler.is_compiling() and len(y) and not bool(((y >= 0) & (y < model.classes)).all()):
             bad = y[(y < 0) | (y >= model.classes)][0].item()
             raise ValueError(f"labels must be in 0..{model.classes - 1} (the model's classes), got {bad}")

@@ -145,7 +145,7 @@ class TrainConfig:
         return LIKELIHOODS[self.likelihood].binary if self.binarize is None else self.binarize
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """The config of ``data`` (a JSON object or TOML table of fields; those not given keep their defaults).
 
         Raises ``ValueError`` for unknown keys and for every value :meth:`validate` refuses."""
@@ -338,10 +338,13 @@ def check_objective_options(config: TrainConfig) -> None:
 def build_model(config: TrainConfig, data_shape: Sequence[int]) -> nn.Module:
     """The model a config describes, for data of shape ``data_shape`` (weights freshly initialised): the family
     ``config.model`` of :data:`vaelab.models.MODELS` builds itself (with ``config.model_options``)."""
-    return MODELS[config.model].from_config(config, tuple(data_shape), **config.model_options)
+    family: Any = MODELS[config.model]  # a registered class: register_model checked it has from_config
+    return family.from_config(config, tuple(data_shape), **config.model_options)
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a config's ``device`` names: ``"auto"`` is this process's CUDA device (``$LOCAL_RANK``) if CUDA is
+    available, else the CPU. Raises ValueError for a CUDA device on a machine without CUDA."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

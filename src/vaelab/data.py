@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -848,14 +849,17 @@ class MappedRows:
         return self._read(np.asarray(item))
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """The rows ``index`` (``dim`` must be 0), read into a CPU tensor."""
         if dim != 0:
             raise ValueError("MappedRows selects rows (dim 0) only")
         return self._read(index.cpu().numpy())
 
     def is_floating_point(self) -> bool:
+        """Whether rows are read as floats (False for uint8 data), as ``torch.Tensor.is_floating_point``."""
         return self.dtype.is_floating_point
 
     def split(self, rows: int):
+        """Consecutive pieces of at most ``rows`` rows, each read when reached, as ``torch.Tensor.split``."""
         return (self[i : i + rows] for i in range(0, len(self), rows))
 
 
@@ -1088,6 +1092,10 @@ def mean_example(x: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
 Data = torch.Tensor | Mapping[str, torch.Tensor]
 
 
+@overload
+def aligned_fields(data: Data, name: str, device: torch.device) -> dict[str, torch.Tensor]: ...
+@overload
+def aligned_fields(data: None, name: str, device: torch.device) -> None: ...
 def aligned_fields(data: Data | None, name: str, device: torch.device) -> dict[str, torch.Tensor] | None:
     """``data`` as a dict of aligned tensors on ``device`` (``{"x": data}`` for a lone tensor), checked: ``x`` is
     ``[N, *data_shape]`` and every field has N rows. A batch takes the same rows of every field."""

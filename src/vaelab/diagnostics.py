@@ -438,7 +438,9 @@ def gap_decomposition(
     Args:
         model: any vaelab model; ``x``: ``[B, *data_shape]``.
         k: importance samples per proposal for log p-hat(x).
-        steps, lr, samples_per_step: the per-example optimisation of q*.
+        steps: Adam steps of the per-example optimisation of q*.
+        lr: its learning rate.
+        samples_per_step: its samples of q* per step.
         elbo_k: samples for each ELBO estimate (default ``k``); elbo_form: its form (see above).
         q: the q to decompose, ``[B]`` batch; default ``model.encode(x)``.
         batch_size: examples optimised together (independently); chunk_size: passed to ``log_marginal``.

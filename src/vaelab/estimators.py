@@ -165,7 +165,8 @@ def check_values(
         if chunk.dtype == torch.uint8:  # 8-bit data as the intensities they stand for (vaelab.data.as_float)
             chunk = chunk.to(torch.float32).div_(255.0)
         # One pass in the common case: a bounded support's check already fails on NaN and inf.
-        ok = support.check(chunk) if support in _BOUNDED_SUPPORTS else torch.isfinite(chunk)
+        bounded = support in _BOUNDED_SUPPORTS or getattr(support, "excludes_non_finite", False)
+        ok = support.check(chunk) if bounded else torch.isfinite(chunk)
         row_ok = ok.reshape(ok.shape[0], -1).all(1)
         if bool(row_ok.all()):
             continue
@@ -594,7 +595,7 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefix
             # Compiled, every chunk has the same size (a last, shorter one is drawn whole and cut): one compilation.
             lw = _compiled_chunk(model, x, r, chunk_size) if compile else None
             compile = lw is not None
-            stats.update(lw[:c] if compile else _log_weights(model, x, r, c))
+            stats.update(lw[:c] if lw is not None else _log_weights(model, x, r, c))
             done += c
     return stats
 

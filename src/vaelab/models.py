@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ def refuse_unused(config: TrainConfig, model: str, unused: Mapping[str, str]) ->
         unused: field name -> why the model does not use it (ends the message).
     """
     defaults = {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         for f in dataclasses.fields(config)
     }
     for name, why in unused.items():
@@ -111,6 +111,7 @@ def bind(model, context: Mapping[str, torch.Tensor] | None = None, rows: slice =
             f"{type(model).__name__} asks for context {', '.join(keys)} (model.context), but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not given: pass context={{{missing[0]!r}: ...}}"
         )
+    assert context is not None  # for the type checker: keys were all found in it
     return model.given(**{key: context[key][rows] for key in keys})
 
 
@@ -141,9 +142,14 @@ class VAE(nn.Module):
         self.decoder = decoder
         self.likelihood = likelihood
         self.posterior = posterior if posterior is not None else DiagonalGaussian()
-        self.latent_dim = int(prior.latent_dim)
+        self.latent_dim = int(cast(int, prior.latent_dim))  # every prior module states its d as an int
         self.data_shape = likelihood.data_shape
         self.data_support = likelihood.support
+        for part in (self.prior_module, self.posterior):
+            # a part sized by d (a flow posterior) or built on the model's own networks (the VampPrior's encoder)
+            attach = getattr(part, "attach", None)
+            if attach is not None:
+                attach(self)
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_shape: Sequence[int]) -> VAE:
@@ -170,9 +176,11 @@ class VAE(nn.Module):
         return self.prior_module()
 
     def encode(self, x: torch.Tensor) -> Distribution:
+        """q(z|x) for ``x: [B, *data_shape]``: batch ``[B]``, event ``[d]``."""
         return self.posterior(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) for ``z: [*S, d]``: batch ``S``, event ``data_shape``."""
         lead = z.shape[:-1]
         params = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, ...) with N = prod(lead)
         return self.likelihood(params.reshape(*lead, *self.data_shape))
@@ -249,11 +257,13 @@ class LinearGaussian(nn.Module):
         return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
 
     def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) = N(W z + b, Psi) for ``z: [*S, d]``: batch ``S``, event ``[D]``."""
         loc = z @ self.weight.T + self.bias  # (*S, D)
         scale = self._noise_diag().sqrt().expand_as(loc)
         return Independent(Normal(loc, scale, validate_args=False), 1)
 
     def encode(self, x: torch.Tensor) -> Distribution:
+        """The exact posterior p(z|x) (:meth:`posterior`): with this model the ELBO is tight."""
         return self.posterior(x)
 
     # --- closed forms ----------------------------------------------------------------------------------------------

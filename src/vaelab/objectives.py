@@ -7,8 +7,9 @@ minimise: its gradient is the objective's gradient, and the training loop reduce
 unweighted (beta = 1) ELBO, whatever the objective trains.
 
 No density or KL is written here: values come from :func:`~vaelab.estimators.elbo_parts`,
-:func:`~vaelab.estimators.log_weights` and ``torch.distributions``. The one exception is DReG, which needs the
-log-weights with q's parameters cut from the graph (see :func:`iwae_dreg_objective`).
+:func:`~vaelab.estimators.log_weights` and ``torch.distributions``. The exceptions are DReG, which needs the
+log-weights with q's parameters cut from the graph (see :func:`iwae_dreg_objective`), and PIWAE, which needs
+log p(x, z) and log q(z|x) apart to give the encoder and the decoder different gradients (:func:`piwae_objective`).
 
 ``q=`` replaces ``model.encode(x)``, as in the estimators: it must have batch ``[B]`` and event ``[d]``.
 """
@@ -276,12 +277,137 @@ def iwae_dreg_objective(
     return ObjectiveOutput(loss=loss, elbo=recon - kl, recon=recon, kl=kl)
 
 
+# --- tighter is not necessarily better: MIWAE, CIWAE, PIWAE -----------------------------------------------------------
+# Rainforth, Kosiorek, Le, Maddison, Igl, Wood & Teh (2018), "Tighter variational bounds are not necessarily better":
+# the signal-to-noise ratio of the encoder's IWAE_K gradient falls as 1/sqrt(K), so these objectives trade some
+# tightness for a better-behaved encoder gradient. Each is a reduction of one log-weight matrix.
+def _check_fraction(value: object, name: str) -> float | torch.Tensor:
+    value = _check_nonnegative(value, name)
+    if not isinstance(value, torch.Tensor) and value > 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
+def _grouped_bound(lw: torch.Tensor, m: int) -> torch.Tensor:
+    """MIWAE(M, K) from log-weights ``[M * K, B]``: mean over M consecutive groups of log mean_K exp, ``[B]``."""
+    return log_mean_exp(lw.reshape(m, -1, lw.shape[-1]), dim=1).mean(0)  # (M, K, B) -> (M, B) -> (B,)
+
+
+def miwae_objective(
+    model, x: torch.Tensor, *, m: int, k: int = 1, beta: float = 1.0, q: Distribution | None = None
+) -> ObjectiveOutput:
+    """MIWAE(M, K) (Rainforth et al., 2018): the mean of M independent IWAE_K bounds,
+
+        MIWAE = (1/M) sum_m log (1/K) sum_k w_mk,   w_mk = p(x, z_mk) / q(z_mk|x),
+
+    from ``m * k`` draws of q (one :func:`~vaelab.estimators.log_weights` call, split into M groups of K). M = 1 is
+    IWAE_K, K = 1 is the ELBO from M samples. Gradients are the standard reparameterized ones. ``elbo`` is the mean
+    log-weight of all M * K samples; ``recon`` and ``kl`` are ``None``.
+
+    Args:
+        m: M, the number of IWAE_K bounds averaged (integer >= 1).
+        k: K, importance samples per bound.
+        beta: must be 1.
+        q: replaces ``model.encode(x)``.
+    """
+    _require_unit_beta(beta, "miwae", _IW_BETA)
+    _check_count(m, "m")
+    _check_count(k, "k")
+    lw = log_weights(model, x, k=m * k, q=q)  # (M * K, B)
+    return ObjectiveOutput(loss=-_grouped_bound(lw, m), elbo=lw.mean(0).detach(), recon=None, kl=None)
+
+
+def ciwae_objective(
+    model,
+    x: torch.Tensor,
+    *,
+    elbo_weight: float,
+    k: int = 1,
+    beta: float = 1.0,
+    q: Distribution | None = None,
+) -> ObjectiveOutput:
+    """CIWAE(beta) (Rainforth et al., 2018): the convex combination beta * ELBO + (1 - beta) * IWAE_K of the two
+    bounds from the same K draws (``elbo_weight`` is the paper's beta; ``beta`` stays vaelab's KL weight).
+
+    Args:
+        elbo_weight: the ELBO's weight, in [0, 1]: 1 is the ELBO from K samples, 0 is IWAE_K.
+        k: K, importance samples per example.
+        beta: must be 1.
+        q: replaces ``model.encode(x)``.
+    """
+    _require_unit_beta(beta, "ciwae", "its ELBO weight is elbo_weight")
+    elbo_weight = _check_fraction(elbo_weight, "elbo_weight")
+    lw = log_weights(model, x, k=k, q=q)  # (K, B)
+    elbo = lw.mean(0)
+    bound = elbo_weight * elbo + (1 - elbo_weight) * log_mean_exp(lw, dim=0)
+    return ObjectiveOutput(loss=-bound, elbo=elbo.detach(), recon=None, kl=None)
+
+
+def piwae_objective(
+    model, x: torch.Tensor, *, m: int, k: int = 1, beta: float = 1.0, q: Distribution | None = None
+) -> ObjectiveOutput:
+    """PIWAE(M, K) (Rainforth et al., 2018): from the same M * K draws of q, the inference network (encoder) follows
+    the gradient of MIWAE(M, K) and the generative network (decoder and prior) that of IWAE_{M K}.
+
+    One decoder pass, with the gradient split as in :func:`iwae_dreg_objective`: with log w_i = log p(x, z_i) -
+    log q(z_i|x), a_i = the normalized weights of all M K samples (IWAE_{MK}'s) and b_i = those within z_i's group of
+    K, divided by M (MIWAE's), the surrogate is
+
+        s = sum_i a_i log p(x, z_i) - sum_i b_i log q(z_i|x)      (a, b detached),
+
+    and a hook on the z fed to p(x, z) scales its incoming gradient by b_i / a_i = exp(LSE_all - LSE_group) / M (one
+    factor per group, computed in log space). So theta, which only log p(x, z) sees, gets sum_i a_i grad log p(x,
+    z_i) = grad IWAE_{MK}; phi, through z and through q's parameters, gets sum_i b_i grad log w_i = grad MIWAE.
+    (Where a sample's IWAE_{MK} weight a_i underflows to 0, in float32 when its group lies ~100 nats below the best
+    sample, its path gradient to the encoder is lost: b_i / a_i cannot restore it.)
+
+    The loss's value is -IWAE_{MK}, the tighter of the two bounds. Assumes the encoder's parameters are disjoint from
+    the decoder's and the prior's (a prior that runs the encoder, as the VampPrior does, passes the IWAE_{MK}
+    gradient to the encoder through p(z)). ``elbo``, ``recon``, ``kl``: the joint-form ELBO's terms.
+
+    Args:
+        m: M, the number of groups (integer >= 1); m = 1 is IWAE_K for both networks.
+        k: K, importance samples per group.
+        beta: must be 1.
+        q: replaces ``model.encode(x)``.
+    """
+    _require_unit_beta(beta, "piwae", _IW_BETA)
+    _check_count(m, "m")
+    check_data(model, x)
+    _check_count(k, "k")
+    q = _posterior(model, x, q)
+    z = q.rsample((m * k,))  # (M * K, B, d)
+    z_gen = z.view_as(z)  # the z p(x, z) sees: its gradient is rescaled by the hook, that of log q(z|x) is not
+    log_px_z = model.decode(z_gen).log_prob(x)  # (M * K, B)
+    log_pz = model.prior.log_prob(z_gen)  # (M * K, B)
+    log_q = q.log_prob(z)  # (M * K, B)
+    lw = (log_px_z + log_pz - log_q).detach()  # (M * K, B)
+    groups = lw.reshape(m, k, -1)  # (M, K, B)
+    a = torch.softmax(lw, dim=0)  # (M * K, B): IWAE_{MK}'s normalized weights
+    b = (torch.softmax(groups, dim=1) / m).reshape_as(lw)  # (M * K, B): MIWAE's
+    if z_gen.requires_grad:
+        log_ratio = torch.logsumexp(lw, dim=0) - torch.logsumexp(groups, dim=1) - math.log(m)  # (M, B): log b/a
+        # finite even where a underflowed to 0 (where its incoming gradient is 0): no inf * 0
+        log_ratio = log_ratio.clamp_max(math.log(torch.finfo(lw.dtype).max) - 1)
+        ratio = log_ratio.exp().repeat_interleave(k, dim=0)  # (M * K, B)
+        z_gen.register_hook(lambda grad: grad * ratio.unsqueeze(-1))
+    s = (a * (log_px_z + log_pz)).sum(0) - (b * log_q).sum(0)  # (B,)
+    bound = log_mean_exp(lw, dim=0)
+    loss = -bound - (s - s.detach())
+    recon = log_px_z.mean(0).detach()
+    kl = (log_q - log_pz).mean(0).detach()
+    return ObjectiveOutput(loss=loss, elbo=recon - kl, recon=recon, kl=kl)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "elbo": elbo_objective,
     "capacity": capacity_objective,
     "free_bits": free_bits_objective,
     "iwae": iwae_objective,
     "iwae_dreg": iwae_dreg_objective,
+    "miwae": miwae_objective,
+    "ciwae": ciwae_objective,
+    "piwae": piwae_objective,
 }
 
 

@@ -89,6 +89,27 @@ def reconstruction_pairs(model, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, recon.to(x.dtype)])
 
 
+@torch.no_grad()
+def class_sample_images(model, classes: Sequence[int], n: int, *, seed: int = 0) -> torch.Tensor:
+    """Samples of a model of p(x, z | y) (``model.given(y=...)``), one row per class and ``n`` columns that share
+    their noise: row c holds E[x | z] for z ~ p(z | y = c) drawn with the same seed in every row (the same z where
+    p(z | y) is one prior for all classes), so a column keeps its style while the class changes.
+    ``[len(classes) * n, *data_shape]``."""
+    rows = []
+    for c in classes:
+        view = model.given(y=torch.full((n,), int(c), dtype=torch.long, device=_device_of(model)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            z = view.prior.sample() if view.prior.batch_shape else view.prior.sample((n,))  # [n, d]
+        rows.append(decoded_mean(view, z))
+    return torch.cat(rows)
+
+
+def _device_of(model) -> torch.device:
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return torch.device("cpu") if first is None else first.device
+
+
 # --- figures ---------------------------------------------------------------------------------------------------------
 # Every figure below is a matplotlib ``Figure`` built without pyplot (no global state, no display): PNGs are drawn by
 # the Agg canvas when saved. Sizes are in inches at DPI, so a (6, 4) figure is a 600 x 400 PNG.
@@ -502,6 +523,66 @@ def gap_histogram_figure(gaps: dict[str, Sequence[float]], *, bins: int = 40) ->
 GAP_KEYS = ("posterior_gap", "approximation_gap", "amortization_gap")
 
 
+def class_samples_figure(model, classes: Sequence[int], n: int = 10, *, seed: int = 0) -> Figure:
+    """:func:`class_sample_images` as a figure: rows are classes, columns share their z."""
+    images = class_sample_images(model, classes, n, seed=seed)
+    fig = new_figure((0.5 * n + 1.0, 0.5 * len(classes) + 0.8))
+    ax = _show_grid(fig, image_grid(images, images.shape[1:], ncol=n), "Samples per class (columns share z)")
+    height = images.shape[-2] + 2  # image_grid's rows: the image and 2 pixels of padding
+    ax.set_yticks([2 + height * (i + 0.5) for i in range(len(classes))], [str(c) for c in classes])
+    ax.set_ylabel("class y")
+    return fig
+
+
+def reliability_figure(reliability: Mapping[str, Any], *, ece: float | None = None) -> Figure:
+    """The reliability diagram of :func:`vaelab.evaluate.classification_metrics`: accuracy against mean confidence
+    per equal-width confidence bin (bars; empty bins left out), the diagonal of perfect calibration, and the share of
+    examples in each bin."""
+    edges = np.asarray(reliability["edges"], dtype=float)
+    counts = np.asarray(reliability["count"], dtype=float)
+    filled = counts > 0
+    accuracy = np.array([a if a is not None else np.nan for a in reliability["accuracy"]], dtype=float)
+    confidence = np.array([c if c is not None else np.nan for c in reliability["confidence"]], dtype=float)
+    fig = new_figure((5.0, 5.0))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    width = np.diff(edges)
+    top.bar(edges[:-1][filled], accuracy[filled], width=width[filled], align="edge", edgecolor="k", label="accuracy")
+    top.plot(confidence[filled], confidence[filled], "o", color="C3", ms=3, label="mean confidence")
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    top.set_ylabel("accuracy in the bin")
+    title = "Reliability diagram" + (f" (ECE {ece:.4f})" if ece is not None else "")
+    top.set_title(title)
+    top.set_ylim(0, 1)
+    top.legend(fontsize=8, frameon=False, loc="upper left")
+    bottom.bar(edges[:-1], counts / max(counts.sum(), 1), width=width, align="edge", edgecolor="k")
+    bottom.set_xlabel("confidence of the predicted class")
+    bottom.set_ylabel("share")
+    bottom.set_xlim(0, 1)
+    return fig
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]]) -> Figure:
+    """The confusion matrix (rows the true class, columns the predicted one), shaded by the share of each row."""
+    counts = np.asarray(confusion, dtype=float)
+    classes = len(counts)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig = new_figure((5.0, 4.5))
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(classes):
+        for j in range(classes):
+            if counts[i, j]:
+                colour = "white" if share[i, j] > 0.5 else "black"
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(classes))
+    ax.set_yticks(range(classes))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("Confusion matrix (counts; shade: share of the row)")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
 def draw_pictures(
     model,
     x: torch.Tensor,
@@ -515,8 +596,10 @@ def draw_pictures(
     """Every picture that applies to this model, as PNGs in ``out_dir``: ``{name: path}`` in reading order.
 
     A model that asks for context (given ``context``, aligned with ``x``) is shown given each example's: its
-    reconstructions; the pictures that draw from one prior p(z) (samples, traversals, the manifold, the latent
-    scatter) are left out.
+    reconstructions, and samples per class (a model of p(x, z | y) with ``classes``); the pictures that draw from
+    one prior p(z) (samples, traversals, the manifold, the latent scatter) are left out. A model without latent
+    variables (a classifier) gets no pictures of z. Where ``diagnostics`` holds ``classification`` (a model that
+    predicts labels), its reliability diagram and confusion matrix are drawn.
 
     ``x`` (``[N, *data_shape]``) and ``labels`` (``[N]``) are the evaluation examples; ``metrics`` the run's
     ``metrics.jsonl`` lines; ``diagnostics`` the result of :func:`vaelab.evaluate.evaluate_model` (or of
@@ -528,12 +611,13 @@ def draw_pictures(
     diagnostics = diagnostics or {}
     figures: dict[str, Any] = {}
     conditional = bool(getattr(model, "context", ()))
-    # a model without latent variables of x (a classifier, m2's q(y|x) with p(x, z | y)): only curves
-    latent = callable(getattr(model, "encode", None)) or conditional
-    images = shows_as_images(x.shape[1:]) and latent  # pictures of examples; other data (vectors, say) get the rest
-    if images:
+    latent = callable(getattr(model, "encode", None)) or conditional  # a classifier p(y|x) has no z to picture
+    images = shows_as_images(x.shape[1:])  # pictures of examples; other data (vectors, say) get the rest
+    if images and latent:
         figures["reconstructions"] = lambda: reconstructions_figure(bind(model, context, slice(0, 12)), x[:12])
-    if images and not conditional:
+    if images and callable(getattr(model, "given", None)) and getattr(model, "classes", None):  # p(x, z | y)
+        figures["class_samples"] = lambda: class_samples_figure(model, range(model.classes))
+    if images and latent and not conditional:
         figures["samples"] = lambda: samples_figure(model, 64)
         variance = diagnostics.get("posterior_mean_variance")
         figures["traversals"] = lambda: traversal_figure(model, x, variance=variance)
@@ -541,6 +625,10 @@ def draw_pictures(
             figures["manifold"] = lambda: manifold_figure(model)
     if latent and not conditional:
         figures["latents"] = lambda: latent_scatter_figure(model, x, labels)
+    classification = diagnostics.get("classification")
+    if isinstance(classification, Mapping):
+        figures["reliability"] = lambda: reliability_figure(classification["reliability"], ece=classification["ece"])
+        figures["confusion"] = lambda: confusion_figure(classification["confusion"])
     if metrics:
         figures["training_curves"] = lambda: training_curves_figure(metrics)
     if diagnostics.get("kl_per_dim"):

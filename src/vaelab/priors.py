@@ -102,8 +102,84 @@ class MixtureOfGaussians(nn.Module):
         return MixtureSameFamily(weights, gaussians, validate_args=False)  # batch [], event [d]
 
 
+class VampPrior(nn.Module):
+    """The VampPrior (Tomczak & Welling, 2018, "VAE with a VampPrior"): the model's own posterior averaged over K
+    learned pseudo-inputs u_k,
+
+        p(z) = (1/K) sum_k q(z | u_k),
+
+    a ``MixtureSameFamily`` with uniform weights whose components are ``model.encode(u)`` (batch ``[K]``, event
+    ``[d]``). It approximates the aggregate posterior (1/N) sum_n q(z|x_n), the prior that maximizes the ELBO
+    averaged over the data, with K << N "inputs" learned by the ELBO's gradient.
+
+    The prior needs the encoder, which is the model's: :class:`~vaelab.models.VAE` calls :meth:`attach` with itself
+    when built. The prior keeps the model's bound ``encode`` as a plain attribute, not a submodule, so the encoder's
+    parameters are registered (and saved in a checkpoint) once, under the model; the prior's own state is the
+    pseudo-inputs ``[K, *data_shape]``, created at :meth:`attach`, when the data shape is known. The trainer starts them
+    at K training examples (:meth:`init_from_data`, when ``init="data"``); until then, and with ``init="random"``,
+    they are uniform on [0, 1) (data are intensities in [0, 1]), drawn from torch's global generator.
+
+    The components are evaluated at any z, so q must have a ``log_prob`` for any z broadcast against batch ``[K]``
+    (a Gaussian encoder does); no KL to it is registered, so the ELBO's KL term is estimated by Monte Carlo.
+    Sampling is not reparameterized.
+
+    Args:
+        latent_dim: d.
+        pseudo_inputs: K, the number of pseudo-inputs (>= 1; the paper's default is 500).
+        init: ``"data"`` (K training examples drawn without replacement, by the trainer) or ``"random"``.
+    """
+
+    INITS = ("data", "random")
+
+    def __init__(self, latent_dim: int, pseudo_inputs: int = 500, init: str = "data"):
+        super().__init__()
+        _check_latent_dim(latent_dim)
+        if isinstance(pseudo_inputs, bool) or not isinstance(pseudo_inputs, int) or pseudo_inputs < 1:
+            raise ValueError(f"pseudo_inputs must be an integer >= 1, got {pseudo_inputs!r}")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, self.INITS))}; got {init!r}")
+        self.latent_dim = latent_dim
+        self.components = pseudo_inputs
+        self.init = init
+        self.pseudo_inputs: nn.Parameter | None = None
+        # the model's encode, held outside the module tree: the encoder is registered under the model, once
+        object.__setattr__(self, "_encode", None)
+
+    def attach(self, model: nn.Module) -> None:
+        """Use ``model.encode`` for the components and create the pseudo-inputs ``[K, *model.data_shape]``."""
+        object.__setattr__(self, "_encode", model.encode)
+        if self.pseudo_inputs is None or tuple(self.pseudo_inputs.shape[1:]) != tuple(model.data_shape):
+            self.pseudo_inputs = nn.Parameter(torch.rand(self.components, *model.data_shape))
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Start the pseudo-inputs at K distinct rows of ``x [N, *data_shape]`` (intensities in [0, 1], or uint8),
+        chosen with torch's global generator; rows are reused only when N < K. Nothing happens for ``init="random"``.
+        """
+        if self.init != "data":
+            return
+        if self.pseudo_inputs is None:
+            raise RuntimeError("VampPrior.init_from_data before attach: the pseudo-inputs do not exist yet")
+        from vaelab.data import as_float  # data imports the registries' users: import here, not at module load
+
+        n = x.shape[0]
+        rows = torch.cat([torch.randperm(n) for _ in range(-(-self.components // n))])[: self.components]
+        chosen = as_float(x[rows.sort().values])  # (K, *data_shape); x may be memory-mapped (vaelab.data.MappedRows)
+        self.pseudo_inputs.copy_(chosen.reshape(self.pseudo_inputs.shape))
+
+    def forward(self) -> Distribution:
+        if self._encode is None:
+            raise RuntimeError(
+                "the VampPrior has no encoder: it is a prior of a model with an encoder (a VAE attaches itself)"
+            )
+        components = self._encode(self.pseudo_inputs)  # batch [K], event [d]
+        weights = Categorical(logits=self.pseudo_inputs.new_zeros(self.components), validate_args=False)
+        return MixtureSameFamily(weights, components, validate_args=False)  # batch [], event [d]
+
+
 PRIORS: dict[str, type[nn.Module]] = {
     "standard-normal": StandardNormal,
     "learned-gaussian": LearnedGaussian,
     "mixture-of-gaussians": MixtureOfGaussians,
+    "vamp": VampPrior,
 }

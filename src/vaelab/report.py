@@ -39,7 +39,7 @@ from vaelab.diagnostics import (
     PerExample,
 )
 from vaelab.estimators import pareto_k_threshold
-from vaelab.evaluate import summarize
+from vaelab.evaluate import CALIBRATION_BINS, summarize
 
 
 # --- results as JSON: the one conversion ------------------------------------------------------------------------------
@@ -272,6 +272,32 @@ PICTURES: dict[str, tuple[str, str]] = {
         "Each row varies one latent dimension (the most active first) over its prior "
         "quantiles, the others fixed at one example's posterior mean: what each unit encodes.",
     ),
+    "class_samples": (
+        "Samples per class",
+        "Rows are the classes y, columns share one noise draw of z ~ p(z|y), decoded as E[x|z,y]. The style (slant, "
+        "thickness) should stay along a column while the class changes down it: then z carries the style and y the "
+        "class.",
+    ),
+    "reliability": (
+        "Reliability diagram",
+        "Accuracy against the confidence of the predicted class, in equal-width confidence bins (the share of "
+        "examples per bin below). Bars under the diagonal mean over-confidence; the expected calibration error is "
+        "the share-weighted mean distance between bar and diagonal.",
+    ),
+    "confusion": (
+        "Confusion matrix",
+        "Counts of test examples by true class (rows) and predicted class (columns); the shade is the share of the "
+        "row. Off-diagonal cells show which classes the model mistakes for which.",
+    ),
+    **{
+        f"autoencoder_samples_{space}": (
+            f"VAE and autoencoder samples ({space} space)",
+            "Top half: the VAE's samples, z ~ p(z) decoded as E[x|z]. Bottom half: the deterministic autoencoder with "
+            "the same networks, z drawn from a Gaussian mixture fitted to its training codes (Ghosh et al. 2020). "
+            "The autoencoder has no likelihood: its samples are all it can be judged by here.",
+        )
+        for space in ("binary", "dequantized")
+    },
     "manifold": ("Decoded manifold", "For a 2-D latent space: E[x|z] over an equal-probability grid of the prior."),
     "latents": (
         "Latent space",
@@ -305,6 +331,8 @@ SECTION_PICTURES = {
     "gaps": ("gaps",),
     "estimators": ("estimators",),
     "latent": ("kl_per_dim",),
+    "classification": ("class_samples", "reliability", "confusion"),
+    "ladder": ("autoencoder_samples_binary", "autoencoder_samples_dequantized"),
 }
 
 NOT_COMPUTED = '<p class="missing">not computed</p>'
@@ -319,7 +347,8 @@ NAV = (
     '<nav><a href="#summary">Summary</a> · <a href="#config">Configuration</a> · <a href="#training">Training</a> · '
     '<a href="#pictures">Pictures</a> · <a href="#elbo">ELBO</a> · <a href="#iwae">IWAE</a> · '
     '<a href="#log-px">log p(x)</a> · <a href="#gaps">Gaps</a> · <a href="#estimators">Naive vs IS</a> · '
-    '<a href="#latent">Latent usage</a> · <a href="#json">JSON</a></nav>'
+    '<a href="#latent">Latent usage</a> · <a href="#classification">Classification</a> · '
+    '<a href="#ladder">Ladder</a> · <a href="#json">JSON</a></nav>'
 )
 
 STYLE = """
@@ -465,6 +494,15 @@ def _training_section(run, pictures: dict[str, Path]) -> str:
 
 def _headline(d: Mapping[str, Any]) -> str:
     lp, gap = d.get("log_px"), d.get("posterior_gap")
+    c = d.get("classification")
+    if not isinstance(lp, Mapping) and isinstance(c, Mapping):  # a model of p(y|x) only: its test error leads
+        return (
+            '<h2 id="summary">Summary</h2>'
+            + f"<p>Test error <strong>{fmt(100 * c['error'], 2)} %</strong>, "
+            + f"NLL {pm({'mean': c['nll'], 'sem': c['nll_stderr']}, 4)} "
+            + f'nats, ECE {fmt(c["ece"], 4)}: see <a href="#classification">Classification</a>. A model without '
+            "latent variables has no log p(x) numbers.</p>"
+        )
     if not isinstance(lp, Mapping):
         return NOT_COMPUTED
     gap_label = "posterior gap"
@@ -676,6 +714,38 @@ def _estimator_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     return "".join(out)
 
 
+def _ladder_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
+    """The density-estimation ladders ``vaelab baselines --runs RUN`` wrote beside the run (``d["ladder"]``: one
+    record per space), with the autoencoder's samples beside the VAE's."""
+    out = ['<h2 id="ladder">The ladder: classic density models on the same test images</h2>']
+    records = d.get("ladder") or []
+    if not records:
+        out.append(
+            '<p class="missing">no ladder for this run yet: <code>vaelab baselines --dataset NAME --runs RUN</code> '
+            "writes RUN/ladder_SPACE.json, which this report then shows</p>"
+        )
+    for record in records:
+        bits = record.get("space") == "dequantized"
+        rows = []
+        for row in record.get("rows", []):
+            lp, b = row.get("log_px"), row.get("bits_per_dim")
+            if "not_comparable" in row or lp is None:
+                number = f'<td class="missing" colspan="{2 if bits else 1}">{esc(row.get("not_comparable", ""))}</td>'
+            else:
+                number = num(pm(lp)) + (num(pm(b, 4)) if bits else "")
+            detail = row.get("detail") or {}
+            chosen = ", ".join(f"{k} {fmt(v, 4)}" for k, v in (detail.get("chosen") or {}).items())
+            rec = row.get("reconstruction")
+            if rec:
+                chosen = f"reconstruction {pm(rec)} nats, the VAE's {pm(row.get('vae_reconstruction'))}"
+            rows.append([esc(row.get("name")), number, num(fmt(row.get("fit_seconds"), 1)), f"<td>{chosen}</td>"])
+        head = ["model", "log p(x), nats", *(["bits/dim"] if bits else []), "fit s", "detail"]
+        out.append(f'<p class="meta">{esc(record.get("split"))} ({esc(record.get("space"))} space)</p>')
+        out.append(table(head, rows))
+    out += [figure(n, pictures[n]) for n in SECTION_PICTURES["ladder"] if n in pictures]
+    return "".join(out)
+
+
 def _latent_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     out = ['<h2 id="latent">Latent usage</h2>']
     if "active_units" not in d:
@@ -701,10 +771,56 @@ def _latent_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     return "".join(out)
 
 
+def _classification_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
+    """How well a model that predicts labels does it (``d["classification"]``, from
+    :func:`vaelab.evaluate.classification_metrics`), and the pictures of a conditional model."""
+    out = ['<h2 id="classification">Classification and conditional pictures</h2>']
+    c = d.get("classification")
+    if isinstance(c, Mapping):
+        nll = {"mean": c.get("nll"), "sem": c.get("nll_stderr")}
+        rows = [
+            ["accuracy", num(fmt(100 * c["accuracy"], 2) + " %"), why("the most probable class is the true one")],
+            ["error", num(fmt(100 * c["error"], 2) + " %"), why("1 − accuracy")],
+            ["NLL, −log p(y|x)", num(pm(nll, 4)), why("nats per example, of the true label")],
+            ["expected calibration error", num(fmt(c.get("ece"), 4)), why(EXPLAIN_ECE)],
+        ]
+        out.append(f'<p class="meta">p(y|x) on {fmt(c.get("examples"))} test examples.</p>')
+        out.append(table(["quantity", "value", "meaning"], rows))
+    elif c is not None:
+        out.append(missing(c))
+    m = d.get("marginal")
+    if isinstance(m, Mapping):  # a model of p(x|y): the generative classifier's estimates, summed over the labels
+        k = fmt(m.get("k"))
+        rows = [
+            [f"log p(x|y), IWAE_{k} per class", num(pm(m.get("log_px_given_y"))), why("of the true label")],
+            ["log p(x) = log Σ_c p(x|c) p(c)", num(pm(m.get("log_px"))), why("the label summed out: beside a VAE's")],
+            [
+                "nats the label carries",
+                num(pm(m.get("label_nats"))),
+                why("log p(x|y) − log p(x) = log p(y|x) − log p(y)"),
+            ],
+        ]
+        out.append('<p class="meta">The generative classifier p(y|x) ∝ p(x|y) p(y), from the same estimates:</p>')
+        out.append(table(["quantity", "nats per example", "meaning"], rows))
+    figures = [figure(n, pictures[n]) for n in SECTION_PICTURES["classification"] if n in pictures]
+    if c is None and not figures:
+        out.append('<p class="missing">not applicable: the model neither predicts labels nor is given them</p>')
+    return "".join(out + figures)
+
+
+LABEL_NATS = "log p(x|y) − log p(x) = log p(y|x) − log p(y): at most log C for C equally likely classes"
+
+EXPLAIN_ECE = (
+    f"sum over {CALIBRATION_BINS} equal-width confidence bins of the share of examples times |accuracy − confidence|: "
+    "0 for a perfectly calibrated classifier"
+)
+
+
 HANDLED = {
     "examples", "units", "elbo", "iwae", "log_px", "posterior_gap", "approximation_gap", "amortization_gap",
     "gap_decomposition", "elbo_forms", "estimator_study", "iwae_curve", "active_units", "latent_dim",
     "posterior_mean_variance", "kl_per_dim", "run_dir", "split", "weights", "seed", "diagnostics_examples",
+    "classification", "ladder", "marginal",
 }  # fmt: skip
 
 
@@ -752,6 +868,8 @@ def render_report(run, diagnostics: Mapping[str, Any], *, pictures: Mapping[str,
         _gap_section(d, pictures),
         _estimator_section(d, pictures),
         _latent_section(d, pictures),
+        _classification_section(d, pictures),
+        _ladder_section(d, pictures),
     ]
     if more:
         parts.append('<h2 id="more-pictures">More pictures</h2>' + "".join(more))

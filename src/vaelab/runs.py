@@ -71,6 +71,7 @@ class RunLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Give the lock up and remove its file (a no-op if not held)."""
         if self._fd is None:
             return
         self.path.unlink(missing_ok=True)
@@ -116,8 +117,8 @@ def resume_checkpoint(run_dir: str | Path) -> tuple[Path, tuple[dict, dict, dict
         except CheckpointError as err:
             damaged.append(err)
             continue
-        for err in damaged:
-            print(f"skipping a damaged checkpoint: {err}", file=sys.stderr)
+        for reason in damaged:
+            print(f"skipping a damaged checkpoint: {reason}", file=sys.stderr)
         return path, loaded
     raise CheckpointError(f"no intact checkpoint in {latest.parent}; the newest: {damaged[0]}")
 

@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -65,7 +65,7 @@ from vaelab.data import (
     partly_labelled,
 )
 from vaelab.distributed import all_ranks, init_distributed, mean_over_ranks
-from vaelab.estimators import check_values, data_support, elbo_parts, log_marginal, trusted_data
+from vaelab.estimators import ElboForm, check_values, data_support, elbo_parts, log_marginal, trusted_data
 from vaelab.likelihoods import LIKELIHOODS
 from vaelab.models import bind
 from vaelab.nets import init_decoder_bias
@@ -102,10 +102,28 @@ __all__ = [
 
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.fit` returns: the run directory, the last step, the stopping signal's name (None when the
+    run ended), and the last validation metrics (None if none ran)."""
+
     run_dir: Path
     step: int
     interrupted: str | None  # the signal's name if stopped by one
     last_eval: dict[str, Any] | None
+
+
+def start_from_data(model: nn.Module, config: TrainConfig, x) -> None:
+    """What a freshly built model takes from its training examples ``x`` before step 0: the decoder's last bias at
+    the data mean, by the likelihood's rule, on the network the model says produces its parameters
+    (``config.init_decoder_bias``; models without ``output_net`` are left alone), and a prior's own start from the
+    data (the VampPrior's pseudo-inputs, ``prior_module.init_from_data``)."""
+    likelihood = getattr(model, "likelihood", None)
+    likelihood = LIKELIHOODS[config.likelihood] if likelihood is None else likelihood
+    output_net = getattr(model, "output_net", None)
+    if config.init_decoder_bias and output_net is not None and likelihood.bias_from_mean is not None:
+        init_decoder_bias(output_net, mean_example(x).clamp(0, 1), likelihood)
+    init_prior = getattr(getattr(model, "prior_module", None), "init_from_data", None)
+    if init_prior is not None:
+        init_prior(x)
 
 
 class Trainer:
@@ -159,9 +177,9 @@ class Trainer:
         found = resume_checkpoint(self.run_dir) if resume else None
         if resume and found is None:
             raise CheckpointError(f"--resume: no checkpoint found in {self.ckpt_dir}")
-        resume_from, loaded = found if found is not None else (None, None)
-        if resume:
-            config = TrainConfig.from_dict(loaded[2]["config"])
+        resume_from = found[0] if found is not None else None
+        if found is not None:  # resume=True (without a checkpoint it raised above)
+            config = TrainConfig.from_dict(found[1][2]["config"])
         elif complete_checkpoints(self.ckpt_dir):
             raise ValueError(f"{self.run_dir} already holds a run: pass resume=True (--resume) or use a new directory")
         self.config = config
@@ -189,7 +207,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         built = model is None
-        self.model = (build_model(config, self.data_shape) if built else model).to(self.device)
+        self.model = (build_model(config, self.data_shape) if model is None else model).to(self.device)
         self.context = tuple(getattr(self.model, "context", ()))
         # the batch fields the model reads: x, what it is given (context) and what it predicts (targets, e.g. a
         # classifier's labels); other fields of the data stay unread
@@ -207,13 +225,8 @@ class Trainer:
         for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data)):
             if data is not None:
                 check_values(data["x"], support, name=name, support_name=support_name)
-        # The likelihood's rule, on the network the model says produces its parameters (models without one: skipped)
-        likelihood = getattr(self.model, "likelihood", None)
-        likelihood = LIKELIHOODS[config.likelihood] if likelihood is None else likelihood
-        output_net = getattr(self.model, "output_net", None)
-        if config.init_decoder_bias and built and resume_from is None and output_net is not None:
-            if likelihood.bias_from_mean is not None:
-                init_decoder_bias(output_net, mean_example(self.train_data["x"]).clamp(0, 1), likelihood)
+        if built and resume_from is None:
+            start_from_data(self.model, config, self.train_data["x"])
         if self.world > 1:
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical start on every rank
@@ -228,7 +241,8 @@ class Trainer:
         if self.compiles is None:
             self.compiles = self.total_steps * self.batch_size >= AUTO_COMPILE_SAMPLES
         self.take_step = make_step(self)  # (batch, sched, lr) -> stats: eager, compiled objective, or whole step
-        self.step, self.best_elbo, self.last_eval = 0, -math.inf, None
+        self.step, self.best_elbo = 0, -math.inf
+        self.last_eval: dict[str, Any] | None = None
         # the train statistics summed over the steps since the last train metric line (saved with checkpoints, so
         # that the first line after a resume averages the same steps as an uninterrupted run's)
         self._sums: dict[str, torch.Tensor] = {}
@@ -236,8 +250,8 @@ class Trainer:
         self._stop: str | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
         self._pass_perms: dict[tuple[int, int], torch.Tensor] = {}  # the labelled sampler's current permutations
-        if resume_from is not None:
-            self._restore(resume_from, loaded)
+        if found is not None:
+            self._restore(*found)
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -263,6 +277,8 @@ class Trainer:
         print(f"resumed from {directory} at step {self.step}", file=sys.stderr)
 
     def save(self, name: str | None = None) -> Path:
+        """Write a checkpoint (weights, optimizer, RNG, step, config) as ``checkpoints/<name>`` (default: the step's);
+        a step checkpoint also becomes ``latest.json``'s. Returns its directory."""
         directory = self.ckpt_dir / (name or f"step_{self.step:08d}")
         meta = {
             "config": asdict(self.config),
@@ -381,6 +397,8 @@ class Trainer:
         return out.loss, out.elbo, out.recon, out.kl
 
     def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step on the step's batch, at the step's beta and learning rate; returns its metrics (batch
+        sums). Raises :class:`TrainingDiverged`, naming the step, on a non-finite value or a rejected batch."""
         step = self.step
         lr = self.config.lr * LR_DECAYS[self.config.lr_decay](step, self.total_steps)
         try:
@@ -437,13 +455,14 @@ class Trainer:
             return own(batch, k=k, form=form)
         model, x = self.bind(batch), batch["x"]
         return {
-            "elbo": elbo_parts(model, x, k=1, form=form).elbo,
+            "elbo": elbo_parts(model, x, k=1, form=cast(ElboForm, form)).elbo,  # TrainConfig.validate checked it
             # compiled too once the step has compiled (a working compiler): ~1.4x faster per sample
             f"iwae_{k}": log_marginal(model, x, k=k, compile=self.take_step.compiled).value,
         }
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to the last step or until a stop signal, with logging, evaluation and checkpoints on the way."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
         if self.rank == 0:
@@ -468,7 +487,7 @@ class Trainer:
                     self._stop = self._stop or "a signal on another rank"
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                     means = mean_over_ranks([v / self._count for v in self._sums.values()], self.world, self.device)
-                    line = dict(zip(self._sums, means, strict=True))
+                    line: dict[str, Any] = dict(zip(self._sums, means, strict=True))
                     line.update(
                         split="train",
                         step=self.step,
