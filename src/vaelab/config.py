@@ -316,7 +316,8 @@ def check_model_options(config: TrainConfig) -> None:
     """Refuse ``model_options`` that the family's ``from_config`` does not take as keyword arguments (beyond
     ``config`` and ``data_shape``), naming those it takes."""
     options = config.model_options
-    valid = option_names(MODELS[config.model].from_config, ("config", "data_shape"))
+    family: Any = MODELS[config.model]  # a registered class: register_model checked it has from_config
+    valid = option_names(family.from_config, ("config", "data_shape"))
     unknown = [] if valid is None else sorted(set(options) - set(valid))
     if unknown:
         takes = f"it takes {', '.join(valid)}" if valid else "it takes none"

@@ -341,6 +341,8 @@ class Trainer:
         """The rows pool ``pool`` gives batch ``step``: positions ``step * m ... step * m + m - 1`` of an endless
         sequence of permutations of the pool, pass p's drawn from a generator seeded with (seed, pool, p). A pure
         function of (seed, step), as the uniform batches are: exact resume needs no sampler state."""
+        if self._pools is None:
+            raise RuntimeError("the labelled sampler is not set up: the model names no labelled_share")
         rows, count = self._pools[pool], self._pool_rows[pool]
         position = torch.arange(step * count, (step + 1) * count)
         passes = position // len(rows)
