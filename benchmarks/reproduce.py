@@ -189,7 +189,7 @@ def run_row(name: str, row: Row, args) -> dict:
     picture = plot_curve(name, row, curve, final, RESULTS / f"reproduce_{name}.png")
     models = RESULTS / "models" / name
     models.mkdir(parents=True, exist_ok=True)
-    for file in ("model.safetensors", "config.json", "data.json"):
+    for file in ("model.safetensors", "config.json", "data.json", "data_shape.json"):
         if (run / file).is_file():
             shutil.copy2(run / file, models / file)
     return {
