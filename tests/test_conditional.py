@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, constraints
 
+from tiny import tiny_config
 from vaelab.conditional import ConditionalVAE, class_log_likelihoods, generative_log_probs
 from vaelab.config import TrainConfig, build_model
 from vaelab.estimators import elbo_integrands, elbo_parts, log_marginal, pareto_k_threshold
@@ -178,20 +179,8 @@ def test_generative_log_probs_refuses_a_model_without_labels():
 
 # --- the cVAE ----------------------------------------------------------------------------------------------------
 def cvae_config(**overrides) -> TrainConfig:
-    fields = dict(
-        model="cvae",
-        classes=4,
-        latent_dim=2,
-        architecture_options={"hidden": [16]},
-        batch_size=20,
-        max_steps=6,
-        validation_size=0,
-        eval_k=2,
-        eval_examples=20,
-        compile=False,
-        progress=False,
-    )
-    return TrainConfig(**{**fields, **overrides})
+    fields = dict(model="cvae", classes=4, architecture_options={"hidden": [16]}, batch_size=20)
+    return tiny_config(**{**fields, **overrides})
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import scipy.stats
 import torch
 from torch.distributions import Laplace, constraints
 
+from tiny import tiny_config
 from vaelab.config import TrainConfig, build_model
 from vaelab.estimators import check_data
 from vaelab.likelihoods import (
@@ -532,17 +533,9 @@ def test_discretized_logistic_trains_on_eight_bit_data(tmp_path):
 
     gen = torch.Generator().manual_seed(15)
     data = torch.randint(0, LEVELS, (100, 16), generator=gen).to(torch.uint8)
-    config = TrainConfig(
-        latent_dim=2,
+    config = tiny_config(
         likelihood="discretized-logistic",
-        architecture_options={"hidden": [8]},
-        batch_size=50,
         max_steps=4,
-        validation_size=0,
-        eval_k=2,
-        eval_examples=20,
-        compile=False,
-        progress=False,
     )
     result = train(config, data, data[:20], tmp_path / "run")
     assert result.step == 4

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.distributions import Independent, Laplace, Normal, kl_divergence
 
+from tiny import tiny_config
 from vaelab import LinearGaussian
 from vaelab._math import inverse_softplus, positive_scale
 from vaelab.estimators import elbo_parts, iwae_bound, log_weights
@@ -413,19 +414,11 @@ def test_tighter_bound_objectives_train_from_a_config(name, tmp_path):
 
     gen = torch.Generator().manual_seed(10)
     data = torch.rand(100, 16, generator=gen)
-    config = TrainConfig(
-        latent_dim=2,
+    config = tiny_config(
         objective=name,
         k=2,
         objective_options=REQUIRED[name],
-        architecture_options={"hidden": [8]},
-        batch_size=50,
         max_steps=4,
-        validation_size=0,
-        eval_k=2,
-        eval_examples=20,
-        compile=False,
-        progress=False,
     )
     result = train(config, data, data[:20], tmp_path / "run")
     assert result.step == 4

@@ -16,6 +16,7 @@ import scipy.stats
 import torch
 from torch.distributions import Independent, Laplace, MultivariateNormal, Normal, kl_divergence
 
+from tiny import tiny_config
 from vaelab.estimators import entropy_term, kl_term
 from vaelab.posteriors import (
     POSTERIORS,
@@ -393,25 +394,16 @@ def test_iaf_can_be_the_exact_posterior_of_a_linear_gaussian_model():
 
 @pytest.mark.parametrize("name", sorted(FLOW_OPTIONS))
 def test_flow_posteriors_train_from_a_config_and_reload(name, tmp_path):
-    from vaelab.config import TrainConfig
     from vaelab.runs import load_run
     from vaelab.train import train
 
     data = torch.rand(100, 16, generator=torch.Generator().manual_seed(10))
-    config = TrainConfig(
-        latent_dim=2,
+    config = tiny_config(
         posterior=name,
         posterior_options=FLOW_OPTIONS[name],
         objective="iwae",
         k=2,
-        architecture_options={"hidden": [8]},
-        batch_size=50,
         max_steps=4,
-        validation_size=0,
-        eval_k=2,
-        eval_examples=20,
-        compile=False,
-        progress=False,
     )
     result = train(config, data, data[:20], tmp_path / "run")
     assert result.step == 4

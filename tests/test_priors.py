@@ -10,6 +10,7 @@ import scipy.stats
 import torch
 from torch.distributions import Independent, MixtureSameFamily, Normal
 
+from tiny import tiny_config
 from vaelab.likelihoods import BernoulliLikelihood
 from vaelab.models import VAE
 from vaelab.priors import PRIORS, LearnedGaussian, MixtureOfGaussians, StandardNormal, VampPrior
@@ -218,24 +219,15 @@ def test_mixture_bad_options_raise(options, message):
 
 
 def test_mixture_prior_trains_from_a_config_and_reloads(tmp_path):
-    from vaelab.config import TrainConfig, build_model
+    from vaelab.config import build_model
     from vaelab.runs import load_run
     from vaelab.train import train
 
     gen = torch.Generator().manual_seed(10)
     data = torch.rand(200, 16, generator=gen)  # pixel probabilities, binarized at every step
-    config = TrainConfig(
-        latent_dim=2,
+    config = tiny_config(
         prior="mixture-of-gaussians",
         prior_options={"components": 3},
-        architecture_options={"hidden": [8]},
-        batch_size=50,
-        max_steps=6,
-        validation_size=0,
-        eval_k=2,
-        eval_examples=20,
-        compile=False,
-        progress=False,
     )
     result = train(config, data, data[:20], tmp_path / "run")
     assert result.step == 6
@@ -315,24 +307,15 @@ def test_vamp_bad_options_and_a_missing_encoder_raise(options, message):
 def test_vamp_prior_trains_from_a_config_and_round_trips_through_a_checkpoint(tmp_path):
     from safetensors import safe_open
 
-    from vaelab.config import TrainConfig, build_model
+    from vaelab.config import build_model
     from vaelab.runs import load_run
     from vaelab.train import train
 
     gen = torch.Generator().manual_seed(10)
     data = torch.rand(200, 16, generator=gen)  # pixel probabilities, binarized at every step
-    config = TrainConfig(
-        latent_dim=2,
+    config = tiny_config(
         prior="vamp",
         prior_options={"pseudo_inputs": 5},
-        architecture_options={"hidden": [8]},
-        batch_size=50,
-        max_steps=6,
-        validation_size=0,
-        eval_k=2,
-        eval_examples=20,
-        compile=False,
-        progress=False,
     )
     result = train(config, data, data[:20], tmp_path / "run")
     assert result.step == 6

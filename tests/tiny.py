@@ -21,6 +21,22 @@ def bars(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.bernoulli(templates[labels], generator=g), labels
 
 
+def tiny_config(**fields) -> TrainConfig:
+    """A config for a few steps of a tiny MLP VAE (hidden [8], d = 2) in a test: ``fields`` override the defaults."""
+    defaults = dict(
+        latent_dim=2,
+        architecture_options={"hidden": [8]},
+        batch_size=50,
+        max_steps=6,
+        validation_size=0,
+        eval_k=2,
+        eval_examples=20,
+        compile=False,
+        progress=False,
+    )
+    return TrainConfig(**{**defaults, **fields})
+
+
 def tiny_run(
     run_dir: Path,
     *,

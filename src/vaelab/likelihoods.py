@@ -138,7 +138,25 @@ class GaussianLikelihood(Likelihood):
         return self._independent(Normal(loc, torch.full_like(loc, self.scale), validate_args=False))
 
 
-class LearnedGaussianLikelihood(Likelihood):
+class LearnedScale(Likelihood):
+    """A likelihood with a learned scale sigma = softplus(raw) + ``min_scale``, one per value or one ``shared`` by all,
+    starting at ``init_scale``: the floor stops the density collapsing onto training values. Subclasses state their
+    defaults in their own ``__init__`` (the config checks options against it) and build the distribution."""
+
+    def __init__(self, data_shape: Sequence[int], *, shared: bool, min_scale: float, init_scale: float):
+        super().__init__(data_shape)
+        if not min_scale > 0 or not init_scale > min_scale:
+            raise ValueError(f"need 0 < min_scale < init_scale, got min_scale={min_scale}, init_scale={init_scale}")
+        self.min_scale = min_scale
+        shape = () if shared else tuple(self.data_shape)
+        self.raw_scale = nn.Parameter(inverse_softplus(torch.full(shape, init_scale - min_scale)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return positive_scale(self.raw_scale, self.min_scale)
+
+
+class LearnedGaussianLikelihood(LearnedScale):
     """p(x|z) = N(x; mean, diag(sigma^2)), sigma learned: one per pixel, or one ``shared`` by all pixels.
 
     sigma = softplus(raw) + ``min_scale``: the floor stops the density from collapsing onto training pixels
@@ -155,16 +173,7 @@ class LearnedGaussianLikelihood(Likelihood):
         min_scale: float = 1e-3,
         init_scale: float = 1.0,
     ):
-        super().__init__(data_shape)
-        if not min_scale > 0 or not init_scale > min_scale:
-            raise ValueError(f"need 0 < min_scale < init_scale, got min_scale={min_scale}, init_scale={init_scale}")
-        self.min_scale = min_scale
-        shape = () if shared else tuple(self.data_shape)
-        self.raw_scale = nn.Parameter(inverse_softplus(torch.full(shape, init_scale - min_scale)))
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return positive_scale(self.raw_scale, self.min_scale)
+        super().__init__(data_shape, shared=shared, min_scale=min_scale, init_scale=init_scale)
 
     def forward(self, loc: torch.Tensor) -> Distribution:
         return self._independent(Normal(loc, self.scale.to(loc.dtype), validate_args=False))
@@ -254,7 +263,7 @@ class DiscretizedLogistic(Distribution):
         return levels.expand(-1, *self.batch_shape) if expand else levels
 
 
-class DiscretizedLogisticLikelihood(Likelihood):
+class DiscretizedLogisticLikelihood(LearnedScale):
     """p(x|z) = prod_i DiscretizedLogistic(x_i; loc_i, scale) for 8-bit images held as k / 255 in [0, 1]: a
     probability mass over the 256^D images, so ``log_prob`` is log P(x) in nats and -log P(x) / (D ln 2) is bits
     per dimension (:meth:`bits_per_dim`) with no dequantization offset.
@@ -279,16 +288,7 @@ class DiscretizedLogisticLikelihood(Likelihood):
         min_scale: float = 1e-4,
         init_scale: float = 0.1,
     ):
-        super().__init__(data_shape)
-        if not min_scale > 0 or not init_scale > min_scale:
-            raise ValueError(f"need 0 < min_scale < init_scale, got min_scale={min_scale}, init_scale={init_scale}")
-        self.min_scale = min_scale
-        shape = () if shared else tuple(self.data_shape)
-        self.raw_scale = nn.Parameter(inverse_softplus(torch.full(shape, init_scale - min_scale)))
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return positive_scale(self.raw_scale, self.min_scale)
+        super().__init__(data_shape, shared=shared, min_scale=min_scale, init_scale=init_scale)
 
     def forward(self, loc: torch.Tensor) -> Distribution:
         return self._independent(DiscretizedLogistic(loc, self.scale.to(loc.dtype), validate_args=False))
