@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import bars
+from tiny import bars, tiny_config
 from vaelab.data import UNLABELLED, label_subset
 from vaelab.objectives import ObjectiveOutput
 from vaelab.runs import load_run
@@ -35,24 +35,9 @@ VALID = {"x": X[480:], "y": Y[480:]}
 
 
 def m2_config(**overrides) -> TrainConfig:
-    options = dict(
-        model="m2",
-        classes=CLASSES,
-        labels=8,
-        latent_dim=2,
-        architecture_options={"hidden": [32]},
-        batch_size=20,
-        epochs=100,
-        max_steps=40,
-        log_every=10,
-        eval_k=2,
-        eval_examples=120,
-        validation_size=0,
-        progress=False,
-        compile=False,
-    )
-    options.update(overrides)
-    return TrainConfig(**options)
+    options = dict(model="m2", classes=CLASSES, labels=8, architecture_options={"hidden": [32]}, batch_size=20)
+    options |= dict(epochs=100, max_steps=40, log_every=10, eval_examples=120)
+    return tiny_config(**{**options, **overrides})
 
 
 def mean_z_objective(model, x, *, k=1, beta=1.0, form="kl"):
