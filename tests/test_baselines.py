@@ -38,7 +38,7 @@ from vaelab.models import VAE
 from vaelab.nets import mlp_pair
 from vaelab.priors import StandardNormal
 from vaelab.report import as_json
-from vaelab.tolerance import Z_TOLERANCE, assert_within_stderr, reduction_error_bound, rounding_gamma
+from vaelab.tolerance import FLOAT_SLACK, Z_TOLERANCE, assert_within_stderr, reduction_error_bound, rounding_gamma
 
 
 def tiny_vae(likelihood: str):
@@ -290,3 +290,56 @@ def test_the_ladder_on_tiny_data_tunes_on_validation_and_scores_every_test_examp
         assert best == max(r["detail"]["validation"], key=lambda t: t["valid_log_px"])["valid_log_px"]
     assert [e["train_examples"] for e in rows[0]["detail"]["subsample_effect"]] == [2, 10, 40]
     json.dumps(as_json(rows), allow_nan=False)
+
+
+DRAWS = 20000
+
+
+@pytest.mark.parametrize("name", ["kde-bernoulli", "bernoulli-mixture"])
+def test_binary_baseline_draws_follow_the_mass_function_it_scores(name):
+    """Draws of the fitted model, counted in each of the 2^5 cells, against n p(cell) from its own log_prob."""
+    g = torch.Generator().manual_seed(21)
+    data = ladder(*(random_bits(n, 5, g) for n in (60, 20, 20)))
+    grids = {"bandwidth": (0.2,), "components": (3,)}
+    fitted = BASELINES[name].ladder(data, grids[BASELINES[name].grid_name], LadderSettings())["model"]
+    cells = torch.tensor([[(i >> d) & 1 for d in range(5)] for i in range(32)], dtype=torch.float64)
+    p = fitted.log_prob(cells).exp()
+    # a mass function: it sums to 1 up to the rounding of 32 exponentials and their sum
+    assert abs(p.sum().item() - 1) <= rounding_gamma(64, torch.float64) * FLOAT_SLACK
+    draws = fitted.sample(DRAWS, torch.Generator().manual_seed(0))
+    assert draws.shape == (DRAWS, 5) and bool(((draws == 0) | (draws == 1)).all())
+    counts = torch.bincount((draws * 2 ** torch.arange(5)).sum(1).long(), minlength=32).double()
+    assert_within_stderr(counts, DRAWS * p, (DRAWS * p * (1 - p)).sqrt(), what=f"{name} cell counts")
+
+
+@pytest.mark.parametrize("name", ["kde-gaussian", "gmm-diag", "gmm-full", "ppca", "factor-analysis"])
+def test_continuous_baseline_draws_follow_the_density_it_scores(name):
+    """Draws of the fitted 2-D model, counted in 16 boxes, against n P(box) from its own log_prob integrated by the
+    midpoint rule on [-8, 8]^2; the rule's error is bounded by comparing two grid steps."""
+    g = torch.Generator().manual_seed(22)
+
+    def blobs(n):  # two correlated Gaussian blobs
+        side = torch.randint(2, (n, 1), generator=g).double() * 2 - 1
+        z = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        return side * torch.tensor([1.5, 0.5]) + z @ torch.tensor([[0.6, 0.3], [0.0, 0.5]], dtype=torch.float64)
+
+    data = ladder(blobs(200), blobs(50), blobs(50), space=DEQUANTIZED)
+    grids = {"bandwidth": (0.4,), "components": (2,), "latent_dim": (1,)}
+    fitted = BASELINES[name].ladder(data, grids[BASELINES[name].grid_name], LadderSettings())["model"]
+    edges = torch.tensor([-8.0, -1.0, 0.0, 1.0, 8.0], dtype=torch.float64)
+
+    def box_probabilities(step: float) -> torch.Tensor:
+        mid = torch.arange(-8 + step / 2, 8, step, dtype=torch.float64)
+        x, y = torch.meshgrid(mid, mid, indexing="ij")
+        density = fitted.log_prob(torch.stack([x.reshape(-1), y.reshape(-1)], 1)).exp().reshape(x.shape)
+        bx, by = (torch.bucketize(m.contiguous(), edges[1:-1]) for m in (x, y))
+        return torch.zeros(16, dtype=torch.float64).index_add_(0, (4 * bx + by).reshape(-1), density.reshape(-1))
+
+    fine, coarse = box_probabilities(0.01) * 0.01**2, box_probabilities(0.02) * 0.02**2
+    integration_error = 4 * (fine - coarse).abs()  # the midpoint rule's O(step^2) error: |fine - coarse| = 3 err(fine)
+    draws = fitted.sample(DRAWS, torch.Generator().manual_seed(0))
+    assert draws.shape == (DRAWS, 2) and bool((draws.abs() < 8).all())
+    bx, by = (torch.bucketize(draws[:, i].contiguous(), edges[1:-1]) for i in (0, 1))
+    counts = torch.bincount(4 * bx + by, minlength=16).double()
+    stderr = (DRAWS * fine * (1 - fine)).sqrt() + DRAWS * integration_error / Z_TOLERANCE
+    assert_within_stderr(counts, DRAWS * fine, stderr, what=f"{name} box counts")

@@ -552,8 +552,10 @@ def test_baselines_ladder_on_tiny_data(tmp_path):
     *scored, autoencoder = table["rows"]
     assert all(math.isfinite(r["log_px"]["mean"]) and r["log_px"]["sem"] > 0 for r in scored)
     assert math.isfinite(autoencoder["reconstruction"]["mean"]) and "log_px" not in autoencoder
-    assert Path(autoencoder["samples_picture"]) == tmp_path / "run" / "pictures" / "autoencoder_samples_binary.png"
-    assert Path(autoencoder["samples_picture"]).is_file()
+    # one picture beside the run: a row of samples for the VAE, the autoencoder and each baseline
+    picture = tmp_path / "run" / "pictures" / "ladder_samples_binary.png"
+    assert Path(table["rows"][2]["samples_picture"]) == picture and picture.is_file()
+    assert all("samples" not in r for r in table["rows"])  # the draws themselves stay out of the JSON
     assert vaelab(*args, "--parzen-draws", "0").stderr.endswith("--autoencoder-steps >= 0 (got 2000)\n")
     # beside the run, where vaelab report shows it: every row, the autoencoder's without a log-likelihood
     from vaelab.report import render_report
@@ -561,7 +563,7 @@ def test_baselines_ladder_on_tiny_data(tmp_path):
 
     beside = json.loads((tmp_path / "run" / "ladder_binary.json").read_text())
     assert beside == table
-    pictures = {"autoencoder_samples_binary": Path(autoencoder["samples_picture"])}
+    pictures = {"ladder_samples_binary": picture}
     text = render_report(load_run(tmp_path / "run"), {"ladder": [beside]}, pictures=pictures)
     section = text[text.index('id="ladder"') : text.index('id="json"')]
     assert all(name in section for name in names) and section.count("<tr>") == 1 + len(names)

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,15 @@ def ladder_data(
     return LadderData(train, valid, test, space, split, splits.data_shape, binarized)
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A ladder model as validation chose it, in its ladder space: ``log_prob(x [B, D]) -> [B]`` nats, and
+    ``sample(n, generator) -> [n, D]`` draws x ~ p(x) (on the CPU, float64) for pictures."""
+
+    log_prob: Callable[[torch.Tensor], torch.Tensor]
+    sample: Callable[[int, torch.Generator], torch.Tensor]
+
+
 # --- kernel density estimation ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Kernel:
@@ -241,6 +251,19 @@ def kde_log_density(
     return torch.cat(out, 1) - math.log(n) + spec.offset(h, data_dim)[:, None]
 
 
+def kde_sample(
+    centers: torch.Tensor, bandwidth: float, kernel: str, n: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` draws of the KDE: a training point x_i uniformly at random, then x ~ K_h(., x_i) (Gaussian noise of
+    standard deviation h, or each bit flipped with probability h), ``[n, D]`` on the CPU."""
+    _check_bandwidths(torch.tensor([bandwidth], dtype=torch.float64), kernel)
+    picks = centers.cpu()[torch.randint(len(centers), (n,), generator=generator)]
+    if kernel == "bernoulli":
+        flips = torch.rand(picks.shape, generator=generator, dtype=picks.dtype) < bandwidth
+        return torch.where(flips, 1 - picks, picks)
+    return picks + bandwidth * torch.randn(picks.shape, generator=generator, dtype=picks.dtype)
+
+
 def _check_bandwidths(h: torch.Tensor, kernel: str) -> None:
     top = KERNELS[kernel].max_bandwidth
     if h.numel() == 0 or not bool(((h > 0) & (h < top)).all()):
@@ -312,6 +335,10 @@ def _kde(data: LadderData, grid, settings: LadderSettings, kernel: str) -> dict[
     effect.append({"train_examples": len(train), "bandwidth": bandwidth, "valid_log_px": best_valid})
     return {
         "test_log_px": PerExample(kde_log_density(test, train, [bandwidth], kernel)[0].cpu()),
+        "model": Fitted(
+            lambda x: kde_log_density(x.to(device), train, [bandwidth], kernel)[0].cpu(),
+            lambda n, generator: kde_sample(train, bandwidth, kernel, n, generator),
+        ),
         "chosen": {"kernel": kernel, "bandwidth": bandwidth},
         "validation": tried,
         "train_examples": len(train),
@@ -342,6 +369,12 @@ class BernoulliMixture:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) in nats, ``Tensor[B]``."""
         return torch.cat([self.joint(b).logsumexp(1) for b in x.split(_EM_ROWS)])
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` draws x ~ p(x): a component k ~ pi, then each pixel ~ Bernoulli(mu_kd); ``[n, D]`` on the CPU."""
+        probs = self.probs.cpu()
+        k = torch.multinomial(self.log_weights.exp().cpu(), n, replacement=True, generator=generator)
+        return (torch.rand(n, probs.shape[1], generator=generator, dtype=probs.dtype) < probs[k]).to(probs.dtype)
 
     def log_prior(self, smoothing: float) -> torch.Tensor:
         """log of the MAP prior (up to a constant): Beta(1 + a, 1 + a) on every mu_kd, Dirichlet(1 + a) on pi."""
@@ -408,19 +441,20 @@ def _check_components(components: int, n: int) -> None:
 
 
 def _tuned(data: LadderData, grid, settings: LadderSettings, name: str, fit, subsample: bool = True) -> dict:
-    """Fit ``fit(train, value)`` (a function x -> log p(x) [B]) for each ``value`` of ``grid`` on the training set
-    (subsampled if ``subsample``), keep the one of highest mean validation log-likelihood, score the test set."""
+    """Fit ``fit(train, value)`` (a :class:`Fitted`) for each ``value`` of ``grid`` on the training set (subsampled
+    if ``subsample``), keep the one of highest mean validation log-likelihood, score the test set."""
     train = _subsample(data.train, settings) if subsample else data.train
     tried, best = [], None
     for value in grid:
-        log_prob = fit(train, value)
-        mean = log_prob(data.valid).mean().item()
+        model = fit(train, value)
+        mean = model.log_prob(data.valid).mean().item()
         tried.append({name: value, "valid_log_px": mean})
         if best is None or mean > best[0]:
-            best = (mean, value, log_prob)
-    _, value, log_prob = best
+            best = (mean, value, model)
+    _, value, model = best
     return {
-        "test_log_px": PerExample(log_prob(data.test).detach().cpu()),
+        "test_log_px": PerExample(model.log_prob(data.test).detach().cpu()),
+        "model": model,
         "chosen": {name: value},
         "validation": tried,
         "train_examples": len(train),
@@ -433,7 +467,7 @@ def bernoulli_mixture(data: LadderData, grid, settings: LadderSettings) -> dict[
 
     def fit(train, k):
         model, _ = fit_bernoulli_mixture(train.to(device), k, seed=settings.seed)
-        return lambda x: model.log_prob(x.to(device))
+        return Fitted(lambda x: model.log_prob(x.to(device)), model.sample)
 
     return _tuned(data, grid, settings, "components", fit) | {"smoothing": 0.1}
 
@@ -447,11 +481,19 @@ def gaussian_mixture(covariance: str):
         def fit(train, k):
             _check_components(k, len(train))
             model = GaussianMixture(k, covariance_type=covariance, random_state=settings.seed).fit(train.numpy())
-            return lambda x: torch.from_numpy(model.score_samples(x.numpy()))
+            return Fitted(lambda x: torch.from_numpy(model.score_samples(x.numpy())), partial(_gmm_sample, model))
 
         return _tuned(data, grid, settings, "components", fit)
 
     return fit_and_score
+
+
+def _gmm_sample(model, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws of a fitted scikit-learn ``GaussianMixture``, seeded from ``generator``, in random order
+    (scikit-learn returns them grouped by component)."""
+    model.random_state = int(torch.randint(2**31 - 1, (), generator=generator))
+    x, _ = model.sample(n)
+    return torch.from_numpy(x)[torch.randperm(n, generator=generator)]
 
 
 # --- linear Gaussian models -------------------------------------------------------------------------------------------
@@ -480,7 +522,7 @@ def linear_gaussian(fit_model, subsample: bool):
         def fit(train, latent_dim):
             _check_latent_dim(latent_dim, data.data_dim)
             model = fit_model(train, latent_dim)
-            return model.log_marginal_exact
+            return Fitted(model.log_marginal_exact, lambda n, generator: model.cpu().sample(n, generator))
 
         with torch.no_grad():
             return _tuned(data, grid, settings, "latent_dim", fit, subsample)
@@ -516,7 +558,8 @@ class Baseline:
         spaces: the ladder spaces (:data:`SPACES`) it models, ``()`` if it is not on the ladder.
         ladder: ``(data, grid, settings) -> dict``: fit on ``data.train`` for each value of ``grid``, keep the best
             on ``data.valid``, score ``data.test``: ``test_log_px`` (:class:`~vaelab.diagnostics.PerExample`),
-            ``chosen``, ``validation`` (every value tried and its mean validation log p), ``train_examples``.
+            ``model`` (the chosen :class:`Fitted`), ``chosen``, ``validation`` (every value tried and its mean
+            validation log p), ``train_examples``.
         grid_name, grid: what the validation grid ranges over, and its default (``None``: derived from the data).
         applies_to: for ``vaelab eval``/``report``/``compare``: ``(model, data) -> None`` if the baseline's numbers
             are comparable with the model's on ``data`` (``[N, *data_shape]``), else the reason they are not; None:
@@ -603,12 +646,18 @@ def ladder_baselines(space: str, names: Sequence[str] | None = None) -> list[str
 
 
 def run_ladder(
-    data: LadderData, names: Sequence[str] | None = None, settings: LadderSettings | None = None
+    data: LadderData,
+    names: Sequence[str] | None = None,
+    settings: LadderSettings | None = None,
+    *,
+    samples: int = 0,
 ) -> list[dict[str, Any]]:
     """Fit, tune and score each baseline of ``names`` (default: every one for ``data.space``) on ``data``.
 
     Returns one row per baseline (:func:`ladder_row`), with its fit time in seconds (tuning included) and its
-    ``detail``: the chosen grid value, the validation curve, the training subsample size.
+    ``detail``: the chosen grid value, the validation curve, the training subsample size; with ``samples`` > 0 also
+    ``"samples"``: that many draws x ~ p(x) of the chosen model, ``Tensor[samples, D]`` in the ladder's space (the
+    same generator seed, ``settings.seed``, for each baseline), which the caller takes out before writing JSON.
     """
     settings = settings or LadderSettings()
     names_for = ladder_baselines(data.space, names)
@@ -623,11 +672,13 @@ def run_ladder(
         start = time.perf_counter()
         result = baseline.ladder(data, grid, settings)
         seconds = time.perf_counter() - start
-        detail = {key: value for key, value in result.items() if key != "test_log_px"}
+        detail = {key: value for key, value in result.items() if key not in ("test_log_px", "model")}
         rows.append(
             ladder_row(name, "baseline", data, summarize(result["test_log_px"].value), fit_seconds=seconds)
             | {"description": baseline.description, "detail": detail}
         )
+        if samples:
+            rows[-1]["samples"] = result["model"].sample(samples, torch.Generator().manual_seed(settings.seed))
     return rows
 
 

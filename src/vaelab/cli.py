@@ -660,7 +660,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     pictures = draw_pictures(
         run.model, x, run_dir / "pictures", labels=labels, metrics=run.metrics, diagnostics=result, context=context
     )
-    for path in sorted((run_dir / "pictures").glob("autoencoder_samples_*.png")):
+    for path in sorted((run_dir / "pictures").glob("ladder_samples_*.png")):  # written by vaelab baselines
         pictures[path.stem] = path
     out = write_report(run, result, Path(args.out) if args.out else run_dir / "report.html", pictures=pictures)
     slow = "" if found is None else f" ({found.examples} for the slow ones)"
@@ -739,6 +739,9 @@ def _add_compare(sub) -> None:
 
 
 # --- baselines: the density-estimation ladder ------------------------------------------------------------------------
+LADDER_PICTURE_SAMPLES = 10  # images per model in RUN/pictures/ladder_samples_SPACE.png
+
+
 def _cmd_baselines(args: argparse.Namespace) -> int:
     import torch
 
@@ -755,7 +758,7 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
     )
     from vaelab.checkpoint import atomic_write_text
     from vaelab.data import load_dataset
-    from vaelab.plots import sample_images, save_grid, shows_as_images
+    from vaelab.plots import labelled_rows_figure, sample_images, save_figure, shows_as_images
     from vaelab.report import as_json
 
     _check_at_least_one(args, "examples", "valid_examples", "train_examples", "k")
@@ -785,20 +788,26 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
         f"the slow fits (KDE, mixtures, factor analysis) use {subset} of the training examples, pPCA all of them"
     )
     torch_seed(args.seed)
-    rows = run_ladder(data, args.baselines, settings)
+    pictured = bool(runs) and shows_as_images(data.data_shape)
+    rows = run_ladder(data, args.baselines, settings, samples=LADDER_PICTURE_SAMPLES if pictured else 0)
+    drawn = [(row["name"], row.pop("samples")) for row in rows if "samples" in row]  # x ~ p(x) of each baseline
     for name, run in runs:
         rows.append(score_run(name, run, data, k=args.k, dataset=str(args.dataset)))
-        if "not_comparable" in rows[-1]:
+        vae_row = rows[-1]
+        if "not_comparable" in vae_row:
             continue
         rows += parzen_rows(name, run, data, samples=args.parzen_draws, seed=args.seed) if args.parzen_draws else []
+        with torch.no_grad():
+            pictures = [("VAE, E[x|z]", sample_images(run.model, LADDER_PICTURE_SAMPLES))]
         if args.autoencoder_steps:
             row, autoencoder = autoencoder_row(name, run, data, steps=args.autoencoder_steps, seed=args.seed)
             rows.append(row)
-            if shows_as_images(data.data_shape):
-                images = torch.cat([sample_images(run.model, 32), autoencoder.sample(32, seed=args.seed)])
-                picture = save_grid(Path(name) / "pictures" / f"autoencoder_samples_{data.space}.png", images,
-                                    data.data_shape, ncol=8)  # fmt: skip
-                row["samples_picture"] = str(picture)
+            pictures.append(("autoencoder, E[x|z]", autoencoder.sample(LADDER_PICTURE_SAMPLES, seed=args.seed)))
+        if pictured:
+            title = f"Samples ({data.space} space): the networks' E[x|z], the baselines' draws x ~ p(x)"
+            figure = labelled_rows_figure(pictures + drawn, data.data_shape, title)
+            picture = save_figure(figure, Path(name) / "pictures" / f"ladder_samples_{data.space}.png")
+            vae_row["samples_picture"] = str(picture)
     print(format_ladder(rows, data.space, data.split))
     out = Path(args.json or f"baselines_{splits.name}_{data.space}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -879,8 +888,8 @@ def _add_baselines(sub) -> None:
     p.add_argument(
         "--autoencoder-steps", type=int, default=2000,
         help="for each run, train a deterministic autoencoder with its networks for this many steps and show its "
-        "reconstruction error and samples (RUN/pictures/autoencoder_samples_SPACE.png: the VAE's top half, the "
-        "autoencoder's bottom); 0: skip (default: %(default)s)",
+        "reconstruction error beside the VAE's, and its samples in RUN/pictures/ladder_samples_SPACE.png (one row "
+        "each for the VAE, the autoencoder and every baseline); 0: skip (default: %(default)s)",
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="device of the torch fits, e.g. cuda (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", default=None, help="(default: baselines_DATASET_SPACE.json)")

@@ -526,11 +526,30 @@ GAP_KEYS = ("posterior_gap", "approximation_gap", "amortization_gap")
 def class_samples_figure(model, classes: Sequence[int], n: int = 10, *, seed: int = 0) -> Figure:
     """:func:`class_sample_images` as a figure: rows are classes, columns share their z."""
     images = class_sample_images(model, classes, n, seed=seed)
-    fig = new_figure((0.5 * n + 1.0, 0.5 * len(classes) + 0.8))
-    ax = _show_grid(fig, image_grid(images, images.shape[1:], ncol=n), "Samples per class (columns share z)")
-    height = images.shape[-2] + 2  # image_grid's rows: the image and 2 pixels of padding
-    ax.set_yticks([2 + height * (i + 0.5) for i in range(len(classes))], [str(c) for c in classes])
-    ax.set_ylabel("class y")
+    rows = [(str(c), row) for c, row in zip(classes, images.split(n), strict=True)]
+    return labelled_rows_figure(rows, images.shape[1:], "Samples per class (columns share z)", ylabel="class y")
+
+
+def labelled_rows_figure(
+    rows: Sequence[tuple[str, torch.Tensor]], data_shape, title: str, *, ylabel: str | None = None
+) -> Figure:
+    """One row of images per ``(label, Tensor[n, ...])`` pair (each reshaped to ``data_shape``, values clamped to
+    [0, 1]), the label at the row's left; rows with fewer images than the longest are left blank at the end."""
+    if not rows:
+        raise ValueError("labelled_rows_figure needs at least one row")
+    n = max(len(images) for _, images in rows)
+    blank = torch.ones(1, *data_shape)  # shows as white, like the padding
+    tiles = [
+        torch.cat([images.reshape(-1, *data_shape).float().cpu(), blank.expand(n - len(images), *data_shape)])
+        for _, images in rows
+    ]
+    fig = new_figure((0.5 * n + 1.8, 0.5 * len(rows) + 0.8))
+    grid = image_grid(torch.cat(tiles), data_shape, ncol=n)
+    ax = _show_grid(fig, grid, title)
+    height = (grid.shape[0] - 2) / len(rows)  # image_grid's rows: the image and 2 pixels of padding
+    ax.set_yticks([2 + height * (i + 0.5) for i in range(len(rows))], [label for label, _ in rows])
+    if ylabel:
+        ax.set_ylabel(ylabel)
     return fig
 
 

@@ -290,11 +290,13 @@ PICTURES: dict[str, tuple[str, str]] = {
         "row. Off-diagonal cells show which classes the model mistakes for which.",
     ),
     **{
-        f"autoencoder_samples_{space}": (
-            f"VAE and autoencoder samples ({space} space)",
-            "Top half: the VAE's samples, z ~ p(z) decoded as E[x|z]. Bottom half: the deterministic autoencoder with "
-            "the same networks, z drawn from a Gaussian mixture fitted to its training codes (Ghosh et al. 2020). "
-            "The autoencoder has no likelihood: its samples are all it can be judged by here.",
+        f"ladder_samples_{space}": (
+            f"Samples of every model on the ladder ({space} space)",
+            "One row per model, the same number of samples each. The VAE: z ~ p(z) decoded as E[x|z]. The "
+            "deterministic autoencoder with the same networks (if trained): z drawn from a Gaussian mixture fitted to "
+            "its training codes (Ghosh et al. 2020), decoded as E[x|z]; it has no likelihood, so its samples are all "
+            "it can be judged by here. Each classic baseline as validation chose it: draws x ~ p(x), noise included "
+            "(a KDE's draws are training images with kernel noise, so they say how much it memorises).",
         )
         for space in ("binary", "dequantized")
     },
@@ -332,7 +334,7 @@ SECTION_PICTURES = {
     "estimators": ("estimators",),
     "latent": ("kl_per_dim",),
     "classification": ("class_samples", "reliability", "confusion"),
-    "ladder": ("autoencoder_samples_binary", "autoencoder_samples_dequantized"),
+    "ladder": ("ladder_samples_binary", "ladder_samples_dequantized"),
 }
 
 NOT_COMPUTED = '<p class="missing">not computed</p>'
@@ -716,7 +718,7 @@ def _estimator_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
 
 def _ladder_section(d: Mapping[str, Any], pictures: dict[str, Path]) -> str:
     """The density-estimation ladders ``vaelab baselines --runs RUN`` wrote beside the run (``d["ladder"]``: one
-    record per space), with the autoencoder's samples beside the VAE's."""
+    record per space), with samples of the VAE, its autoencoder and every baseline, one row each."""
     out = ['<h2 id="ladder">The ladder: classic density models on the same test images</h2>']
     records = d.get("ladder") or []
     if not records:
