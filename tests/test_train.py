@@ -586,8 +586,27 @@ def step_in_lockstep(eager: Trainer, compiled: Trainer, steps: int) -> dict[str,
         dict(grad_clip=0.5, lr_decay="cosine"),  # clipping and the learning rate in the compiled step
         dict(objective="iwae_dreg", k=3),  # gradients through stop-gradients, by torch.func
         dict(prior="learned-gaussian", likelihood="gaussian-learned", binarize=False),  # more parameters
+        # the priors, posteriors and bounds users compare (each in its own file): one graph each, no fallback
+        dict(prior="vamp", prior_options={"pseudo_inputs": 7}),  # p(z) through the encoder, pseudo-inputs learned
+        dict(posterior="planar", posterior_options={"layers": 2}),
+        dict(posterior="iaf", posterior_options={"layers": 2, "hidden": [16]}),
+        dict(objective="miwae", k=3, objective_options={"m": 2}),
+        dict(objective="piwae", k=3, objective_options={"m": 2}),
+        dict(objective="ciwae", k=3, objective_options={"elbo_weight": 0.3}),
     ],
-    ids=["elbo-beta-warmup", "iwae", "clip-cosine", "dreg", "learned-prior-and-scale"],
+    ids=[
+        "elbo-beta-warmup",
+        "iwae",
+        "clip-cosine",
+        "dreg",
+        "learned-prior-and-scale",
+        "vamp",
+        "planar",
+        "iaf",
+        "miwae",
+        "piwae",
+        "ciwae",
+    ],
 )
 def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, overrides, monkeypatch):
     # With inductor's random draws replaced by torch's own (fallback_random), a compiled step draws the same noise as
@@ -601,8 +620,12 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
     eager = Trainer(config, TRAIN, VALID, tmp_path / "eager")
     compiled = Trainer(dataclasses.replace(config, compile=True), TRAIN, VALID, tmp_path / "compiled")
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     with torch._inductor.config.patch(fallback_random=True), torch._dynamo.config.patch(error_on_recompile=True):
         got = step_in_lockstep(eager, compiled, 6)
+    # no part of the step fell back to eager: no graph break, no compiler failure
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert not compiled.take_step.failed
     torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(), rtol=1e-4, atol=1e-5)
     assert isinstance(compiled.take_step, WholeStep) and all(p.grad is None for p in compiled.model.parameters())
     if "grad_clip" in overrides:

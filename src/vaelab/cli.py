@@ -804,10 +804,11 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
             rows.append(row)
             pictures.append(("autoencoder, E[x|z]", autoencoder.sample(LADDER_PICTURE_SAMPLES, seed=args.seed)))
         if pictured:
-            title = f"Samples ({data.space} space): the networks' E[x|z], the baselines' draws x ~ p(x)"
+            title = f"Samples on the {data.space} ladder\nthe networks' E[x|z], the baselines' draws x ~ p(x)"
             figure = labelled_rows_figure(pictures + drawn, data.data_shape, title)
             picture = save_figure(figure, Path(name) / "pictures" / f"ladder_samples_{data.space}.png")
             vae_row["samples_picture"] = str(picture)
+            print(f"samples of every model, one row each: {picture}")
     print(format_ladder(rows, data.space, data.split))
     out = Path(args.json or f"baselines_{splits.name}_{data.space}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
