@@ -650,6 +650,23 @@ def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, override
     assert got["elbo"] == pytest.approx(expected["elbo"], rel=1e-4)
 
 
+def test_every_compiled_trainer_in_a_process_gets_its_own_compiled_step(tmp_path):
+    # dynamo keeps a bounded number of specialisations of one function (8 by default, here 1 so that three models
+    # show it): without a slot per trainer, the second and third models' steps would run eagerly without an error
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for latent_dim in (2, 3, 4):  # three models whose steps cannot share a graph
+            config = small_config(max_steps=4, latent_dim=latent_dim, compile=True)
+            trainer = Trainer(config, TRAIN, VALID, tmp_path / str(latent_dim))
+            for _ in range(3):  # the first step is eager (it fills Adam's state), the next two compiled
+                trainer.train_step()
+            assert trainer.take_step.compiled and not trainer.take_step.failed
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3, dict(torch._dynamo.utils.counters["stats"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a GPU matter")
 def test_compiled_step_synchronises_the_host_once_on_cuda(tmp_path):
     # The step's one synchronisation is its finiteness check; the schedule's values and Adam's step factors go to the
