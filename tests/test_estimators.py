@@ -169,6 +169,22 @@ def test_compiled_log_marginal_matches_log_px(proposal):
     assert_within_stderr(result.value, eager.value, torch.hypot(result.stderr, eager.stderr), what="compiled - eager")
 
 
+def test_every_model_scored_in_a_process_gets_its_own_compiled_estimator():
+    # dynamo keeps a bounded number of specialisations of one function (8 by default, here 1 so that three models
+    # show it): without a slot per model, the second and third would be scored eagerly without an error
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for latent_dim in (2, 3, 4):  # three models whose log-weights cannot share a graph
+            model = LinearGaussian.random(6, latent_dim, generator=torch.Generator().manual_seed(latent_dim))
+            x = model.sample(5, torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                vaelab.log_marginal(model, x, k=16, chunk_size=8, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3, dict(torch._dynamo.utils.counters["stats"])
+
+
 def test_compiled_log_marginal_without_a_working_compiler_warns_and_runs_eagerly(tmp_path, monkeypatch):
     import torch._dynamo
     import torch._inductor.config

@@ -11,8 +11,27 @@ Why each pays, and the measurements behind the thresholds: docs/performance.md (
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.distributions import Independent
+
+# --- one compiled specialisation per model --------------------------------------------------------------------------
+_COMPILED_FOR: weakref.WeakSet = weakref.WeakSet()
+
+
+def room_for(model: torch.nn.Module) -> None:
+    """Make room in dynamo's cache for ``model``'s own compiled specialisation (once per model object).
+
+    vaelab compiles the same functions (the training step, the estimators' log-weights) for every model, and dynamo
+    keeps at most ``recompile_limit`` specialisations of one function per process (8 by default); past it, the
+    function runs eagerly, with a log warning and no error. So a process that trained or scored a ninth model (a
+    notebook, a sweep, ``vaelab compare`` of many runs, a benchmark of several families) silently lost compilation.
+    The first time a model is compiled for, the limit rises by one: its own slot."""
+    if model not in _COMPILED_FOR:
+        _COMPILED_FOR.add(model)
+        torch._dynamo.config.recompile_limit += 1
+
 
 # --- tanh ---------------------------------------------------------------------------------------------------------
 # Below this many values the opaque call costs more than Inductor's tanh saves (break-even measured at ~25-30k values

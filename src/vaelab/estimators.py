@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch.distributions import Distribution, constraints, kl_divergence
 
+from vaelab._fast import room_for
 from vaelab._math import log_mean_exp
 
 ElboForm = Literal["joint", "entropy", "kl"]
@@ -603,6 +604,7 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefix
 def _compiled_chunk(model, x, r, chunk_size: int) -> torch.Tensor | None:
     """A chunk's log-weights, compiled (the first call compiles); None, with a warning, if compilation fails."""
     try:
+        room_for(model)
         return _compiled_log_weights()(model, x, r, chunk_size)
     except Exception as err:  # any compiler failure (no C++ compiler, an unsupported op): eager; a bug in the model
         # itself then raises again, eagerly, with a plain traceback

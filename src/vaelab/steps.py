@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from vaelab._fast import room_for
 from vaelab.data import random_bits
 from vaelab.distributed import all_ranks, average_gradients
 from vaelab.estimators import trusted_data
@@ -125,17 +126,6 @@ class EagerStep:
         return result
 
 
-def room_for_another_model() -> None:
-    """Make room in dynamo's cache for one more model's compiled step.
-
-    Every compiled Trainer compiles the same function (``WholeStep._step``, or the objective) specialised to its own
-    model, and dynamo keeps at most ``recompile_limit`` specialisations of one function per process (8 by default);
-    past it, the function runs eagerly, with a log warning and no error. So a process training a ninth model (a
-    notebook, a sweep, a benchmark of several families) silently lost compilation. Each compiled step raises the
-    limit by one: its own slot."""
-    torch._dynamo.config.recompile_limit += 1
-
-
 class CompiledObjectiveStep(EagerStep):
     """:class:`EagerStep` with the objective through ``torch.compile`` (forward and backward fused). A schedule's
     changing values go in as 0-d tensors so that they do not trigger a recompilation each."""
@@ -143,7 +133,7 @@ class CompiledObjectiveStep(EagerStep):
     def __init__(self, trainer: Trainer):
         super().__init__(trainer)
         self.compiled_objective = torch.compile(self.objective, dynamic=False)
-        room_for_another_model()
+        room_for(trainer.model)
         self.schedule_as_tensors = not isinstance(trainer.schedule, Constant)
 
     def _forward(self, batch: Batch, sched: dict[str, Any], bits) -> ObjectiveOutput:
@@ -182,7 +172,7 @@ class WholeStep(EagerStep):
         (self.beta1, self.beta2), self.eps = group["betas"], group["eps"]
         self.bf16, self.grad_clip = trainer.config.bf16, trainer.config.grad_clip
         self.compiled_step = torch.compile(self._step, dynamic=False)
-        room_for_another_model()
+        room_for(trainer.model)
         self.schedule_as_tensors = not isinstance(trainer.schedule, Constant)
         self._counter: torch.Tensor | None = None  # the optimizer's step count, mirrored on the host as _count
         self._count = 0.0
