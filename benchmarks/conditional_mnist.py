@@ -16,27 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab_commit, write_results
+from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab, vaelab_commit, write_results
 
 MODELS = {  # the same mlp networks (the default architecture) for the three
     "classifier": ["--model", "classifier"],
     "cvae": ["--model", "cvae"],
     "vae": ["--model", "vae"],
 }
-
-
-def vaelab(*args) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)])
-    if proc.returncode:
-        sys.exit(f"vaelab {' '.join(map(str, args))} failed with exit code {proc.returncode}")
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:

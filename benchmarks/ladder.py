@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab_commit, write_results
+from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab, vaelab_commit, write_results
 
 SETTINGS = {
     "mnist-binary": ("mnist", "binary", ["--preset", "iwae-1layer", "--likelihood", "bernoulli"]),
@@ -40,15 +37,6 @@ SETTINGS = {
         ["--preset", "iwae-1layer", "--likelihood", "continuous-bernoulli", "--no-binarize"],
     ),
 }
-
-
-def vaelab(*args: str) -> float:
-    """Run ``python -m vaelab ARGS`` (its output shown as it comes); returns the wall time, exits on failure."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)])
-    if proc.returncode:
-        sys.exit(f"vaelab {' '.join(map(str, args))} failed with exit code {proc.returncode}")
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:

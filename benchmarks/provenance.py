@@ -1,4 +1,5 @@
-"""Where a benchmark run comes from: the repository, its commit, the interpreter, the default data folder."""
+"""Where a benchmark run comes from: the repository, its commit, the interpreter, the default data folder; and
+:func:`vaelab`, the one way a benchmark runs the command line."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,3 +40,12 @@ def write_results(path: Path, results: dict) -> None:
     """``results`` as indented JSON at ``path``, its folder created if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
+
+
+def vaelab(*args) -> float:
+    """``python -m vaelab ARGS``, its output shown as it comes; returns the wall time in seconds, exits on failure."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)])
+    if proc.returncode:
+        sys.exit(f"vaelab {' '.join(map(str, args))} failed with exit code {proc.returncode}")
+    return time.perf_counter() - start

@@ -28,13 +28,10 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab_commit, write_results
+from provenance import DEFAULT_DATA_DIR, RESULTS, command_line, vaelab, vaelab_commit, write_results
 
 BURDA = "Burda, Grosse & Salakhutdinov 2016, Importance Weighted Autoencoders, Table 1 (MNIST)"
 RAINFORTH = (
@@ -93,15 +90,6 @@ ROWS: dict[str, Row] = {
     "piwae-m8-k8": _rainforth("piwae", {"m": 8}, 8, -84.46, "84.58", "piwae"),
     "ciwae-b0.05": _rainforth("ciwae", {"elbo_weight": 0.05}, 64, -84.57, "84.74", "ciwae"),
 }
-
-
-def vaelab(*args) -> float:
-    """``python -m vaelab ARGS``, its output shown as it comes; the wall time; exits on failure."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)])
-    if proc.returncode:
-        sys.exit(f"vaelab {' '.join(map(str, args))} failed with exit code {proc.returncode}")
-    return time.perf_counter() - start
 
 
 def learning_curve(run: Path, *, k: int, examples: int, seed: int = 0) -> list[dict]:
