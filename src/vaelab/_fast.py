@@ -17,19 +17,23 @@ import torch
 from torch.distributions import Independent
 
 # --- one compiled specialisation per model --------------------------------------------------------------------------
-_COMPILED_FOR: weakref.WeakSet = weakref.WeakSet()
+_COMPILED_FOR: set[int] = set()  # ids of the live models compiled for (a tensor cannot key a WeakSet: its == is
+# elementwise); each removed when its object is collected
 
 
-def room_for(model: torch.nn.Module) -> None:
-    """Make room in dynamo's cache for ``model``'s own compiled specialisation (once per model object).
+def room_for(model) -> None:
+    """Make room in dynamo's cache for ``model``'s own compiled specialisation (once per model).
 
     vaelab compiles the same functions (the training step, the estimators' log-weights) for every model, and dynamo
     keeps at most ``recompile_limit`` specialisations of one function per process (8 by default); past it, the
     function runs eagerly, with a log warning and no error. So a process that trained or scored a ninth model (a
     notebook, a sweep, ``vaelab compare`` of many runs, a benchmark of several families) silently lost compilation.
-    The first time a model is compiled for, the limit rises by one: its own slot."""
-    if model not in _COMPILED_FOR:
-        _COMPILED_FOR.add(model)
+    The first time a model is compiled for, the limit rises by one: its own slot. A model is known by its first
+    parameter, so the views :func:`vaelab.models.bind` makes of one model (one per batch of labels) share its slot."""
+    key = next(iter(model.parameters()), model) if hasattr(model, "parameters") else model
+    if id(key) not in _COMPILED_FOR:
+        _COMPILED_FOR.add(id(key))
+        weakref.finalize(key, _COMPILED_FOR.discard, id(key))
         torch._dynamo.config.recompile_limit += 1
 
 

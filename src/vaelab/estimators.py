@@ -588,6 +588,8 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefix
     if chunk_size is None:
         chunk_size = _auto_chunk(model, x, k, compiled=compile)
     stats = _WeightStats(tail=tail, prefixes=prefixes)
+    if compile:
+        room_for(model)
     with torch.no_grad():  # diagnostics only: no graph is kept across chunks, so memory stays flat in k
         r = _proposal(model, x, proposal, q)
         done = 0
@@ -604,7 +606,6 @@ def _stream(model, x, *, k, proposal, chunk_size, q, tail, compile=False, prefix
 def _compiled_chunk(model, x, r, chunk_size: int) -> torch.Tensor | None:
     """A chunk's log-weights, compiled (the first call compiles); None, with a warning, if compilation fails."""
     try:
-        room_for(model)
         return _compiled_log_weights()(model, x, r, chunk_size)
     except Exception as err:  # any compiler failure (no C++ compiler, an unsupported op): eager; a bug in the model
         # itself then raises again, eagerly, with a plain traceback
