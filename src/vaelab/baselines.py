@@ -522,7 +522,7 @@ def linear_gaussian(fit_model, subsample: bool):
         def fit(train, latent_dim):
             _check_latent_dim(latent_dim, data.data_dim)
             model = fit_model(train, latent_dim)
-            return Fitted(model.log_marginal_exact, lambda n, generator: model.cpu().sample(n, generator))
+            return Fitted(model.log_marginal_exact, model.sample)
 
         with torch.no_grad():
             return _tuned(data, grid, settings, "latent_dim", fit, subsample)

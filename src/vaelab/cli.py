@@ -743,8 +743,6 @@ LADDER_PICTURE_SAMPLES = 10  # images per model in RUN/pictures/ladder_samples_S
 
 
 def _cmd_baselines(args: argparse.Namespace) -> int:
-    import torch
-
     from vaelab.autoencoder import autoencoder_row
     from vaelab.baselines import (
         BINARY,
@@ -797,8 +795,7 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
         if "not_comparable" in vae_row:
             continue
         rows += parzen_rows(name, run, data, samples=args.parzen_draws, seed=args.seed) if args.parzen_draws else []
-        with torch.no_grad():
-            pictures = [("VAE, E[x|z]", sample_images(run.model, LADDER_PICTURE_SAMPLES))]
+        pictures = [("VAE, E[x|z]", sample_images(run.model, LADDER_PICTURE_SAMPLES))]
         if args.autoencoder_steps:
             row, autoencoder = autoencoder_row(name, run, data, steps=args.autoencoder_steps, seed=args.seed)
             rows.append(row)
