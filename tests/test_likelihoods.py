@@ -25,15 +25,16 @@ from vaelab.likelihoods import (
     ContinuousBernoulliLikelihood,
     DiscretizedLogistic,
     DiscretizedLogisticLikelihood,
+    DiscretizedLogisticMixtureLikelihood,
     GaussianLikelihood,
     LearnedGaussianLikelihood,
     Likelihood,
     eight_bit,
 )
 from vaelab.models import VAE
-from vaelab.nets import init_decoder_bias
+from vaelab.nets import build_pair, init_decoder_bias
 from vaelab.priors import StandardNormal
-from vaelab.tolerance import reduction_error_bound, rounding_gamma
+from vaelab.tolerance import assert_within_stderr, reduction_error_bound, rounding_gamma
 
 DATA_SHAPES = [(5,), (2, 3)]
 K, B = 3, 4  # samples of z, examples
@@ -168,7 +169,7 @@ def test_batch_and_event_shapes(name, data_shape):
     gen = torch.Generator().manual_seed(5)
     likelihood = LIKELIHOODS[name](data_shape).to(torch.float64)
     assert likelihood.data_shape == torch.Size(data_shape)
-    dist = likelihood(_params((K, B, *data_shape), gen))
+    dist = likelihood(_params((K, B, *likelihood.params_shape), gen))
     assert dist.batch_shape == (K, B)
     assert dist.event_shape == data_shape
     x = _data(likelihood.support, (B, *data_shape), gen)
@@ -176,7 +177,7 @@ def test_batch_and_event_shapes(name, data_shape):
     assert log_prob.shape == (K, B)
     assert bool(torch.isfinite(log_prob).all())
     # one example's density is the same whether or not it is batched with others
-    single = likelihood(_params((*data_shape,), gen))
+    single = likelihood(_params(likelihood.params_shape, gen))
     assert single.batch_shape == ()
     assert single.log_prob(x[0]).shape == ()
 
@@ -227,7 +228,7 @@ def test_learned_gaussian_scale_floor(dtype, shared):
 def test_log_prob_gradcheck(name):
     gen = torch.Generator().manual_seed(6)
     likelihood = LIKELIHOODS[name]((2, 3)).to(torch.float64)
-    params = _params((B, 2, 3), gen).requires_grad_()
+    params = _params((B, *likelihood.params_shape), gen).requires_grad_()
     x = _data(likelihood.support, (B, 2, 3), gen)
     assert torch.autograd.gradcheck(lambda p: likelihood(p).log_prob(x), (params,))
 
@@ -405,6 +406,14 @@ def test_bias_from_mean_gives_the_decoder_output_of_that_mean(name):
         fitted = dist.probs
     elif isinstance(likelihood, DiscretizedLogisticLikelihood):
         fitted = dist.loc  # the logistic's location; the discretized mean is pulled towards 1/2 by the edge bins
+    elif isinstance(likelihood, DiscretizedLogisticMixtureLikelihood):
+        # every component at the mean, with equal weights and the initial scale
+        weights, components = dist.mixture_distribution.probs, dist.component_distribution
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / likelihood.components))
+        torch.testing.assert_close(components.scale, torch.full_like(components.scale, likelihood.init_scale))
+        for k in range(likelihood.components):
+            torch.testing.assert_close(components.loc[..., k], mean, rtol=1e-12, atol=1e-12)
+        fitted = components.loc[..., 0]
     else:
         fitted = dist.mean
     torch.testing.assert_close(fitted.detach(), mean, rtol=1e-12, atol=1e-12)
@@ -542,3 +551,160 @@ def test_discretized_logistic_trains_on_eight_bit_data(tmp_path):
     model = load_run(tmp_path / "run").model
     scale = model.likelihood.scale.detach()
     assert bool(torch.isfinite(scale).all()) and not torch.allclose(scale, torch.full_like(scale, 0.1))
+
+
+# --- the mixture of discretized logistics -----------------------------------------------------------------------------
+MIXTURE_K = 3
+
+
+def _mixture_params(lead, data_shape, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder outputs for a mixture of MIXTURE_K discretized logistics, laid out as documented ([3, K, C, *rest] per
+    example: logits, locations, raw scales), and the three parts as [*lead, C, *rest, K]."""
+    shape = (*lead, 3, MIXTURE_K, *data_shape)
+    raw = torch.randn(shape, generator=generator, dtype=torch.float64)
+    at = len(lead)  # the part's dim
+    parts = (2 * raw.select(at, 0), 0.5 + 0.4 * raw.select(at, 1), raw.select(at, 2) - 2)  # logits, loc, raw scale
+    groups = torch.stack(parts, at)
+    params = groups.reshape(*lead, 3 * MIXTURE_K * data_shape[0], *data_shape[1:])
+    logits, loc, raw_scale = (g.movedim(len(lead), -1) for g in groups.unbind(len(lead)))
+    return params, logits, loc, torch.nn.functional.softplus(raw_scale) + 1e-3
+
+
+def test_discretized_logistic_mixture_is_the_weighted_sum_of_its_components():
+    """log P(x) per value against scipy's logistic masses, weighted by softmax(logits), the parameters read from the
+    documented layout: channel c of component k of part g is decoder channel (g K + k) C + c."""
+    gen = torch.Generator().manual_seed(21)
+    likelihood = DiscretizedLogisticMixtureLikelihood((2, 3), components=MIXTURE_K).to(torch.float64)
+    assert likelihood.params_shape == (3 * MIXTURE_K * 2, 3)
+    params, logits, loc, scale = _mixture_params((B,), (2, 3), gen)
+    x = _data(eight_bit, (B, 2, 3), gen)
+    x[0, 0] = 0.0  # both edge bins and interior bins
+    x[1, 1] = 1.0
+    got = likelihood(params).log_prob(x)
+    log_w = torch.log_softmax(logits, -1).numpy()
+    components = np.stack(
+        [
+            np.vectorize(lambda v, m, s: _logistic_bin_log_mass(np.array(v), m, s))(
+                x.numpy(), loc[..., k], scale[..., k]
+            )
+            for k in range(MIXTURE_K)
+        ],
+        -1,
+    )
+    expected = scipy.special.logsumexp(log_w + components, axis=-1).sum(axis=(-2, -1))
+    # Derived bound: each component's log mass is within gamma_8 (1 + |a| + |b|) of exact (see the sum-to-one test),
+    # the log-softmax and log-sum-exp add gamma_(2K + 4) relative per value, and the sum over 6 values gamma_6; scipy's
+    # reference carries the same, so the two differ by at most twice that.
+    h = 0.5 / (LEVELS - 1)
+    ab = ((x.unsqueeze(-1) - loc).abs() + h) / scale
+    per_value = rounding_gamma(8, torch.float64) * (1 + 2 * ab.amax(-1)) + rounding_gamma(
+        2 * MIXTURE_K + 4, torch.float64
+    )
+    bound = 2 * (per_value * torch.from_numpy(components).amin(-1).abs().clamp_min(1)).sum((-2, -1))
+    assert bool(
+        ((got - torch.from_numpy(expected)).abs() <= bound + rounding_gamma(6, torch.float64) * got.abs()).all()
+    )
+
+
+def test_discretized_logistic_mixture_masses_sum_to_one_and_draws_follow_them():
+    gen = torch.Generator().manual_seed(22)
+    likelihood = DiscretizedLogisticMixtureLikelihood((1,), components=MIXTURE_K).to(torch.float64)
+    params, _, loc, scale = _mixture_params((4,), (1,), gen)
+    mixture = likelihood(params).base_dist  # batch (4, 1): four values
+    levels = torch.arange(LEVELS, dtype=torch.float64) / (LEVELS - 1)
+    p = mixture.log_prob(levels.reshape(-1, 1, 1)).exp()  # (256, 4, 1)
+    # each component sums to 1 within gamma_8 sum_k P_k (1 + |a_k| + |b_k|) + gamma_256 (the DiscretizedLogistic
+    # test's bound), and the mixture's weights (summing to 1 within gamma_K) and log-sum-exp add gamma_(2K + 4)
+    h = 0.5 / (LEVELS - 1)
+    ab = ((levels.reshape(-1, 1, 1, 1) - loc).abs() + h) / scale  # (256, 4, 1, K)
+    bound = rounding_gamma(8, torch.float64) * (p * (1 + 2 * ab.amax(-1))).sum(0)
+    bound += rounding_gamma(LEVELS + 2 * MIXTURE_K + 4, torch.float64)
+    assert bool(((p.sum(0) - 1).abs() <= bound).all())
+    # draws: counts in 8 bins of 32 levels against n times the bin's mass, by the tolerance rule (binomial stderr)
+    torch.manual_seed(22)
+    n = 20_000
+    draws = likelihood(params).sample((n,))  # (n, 4, 1)
+    assert bool(eight_bit.check(draws).all())
+    bins = torch.round(draws * (LEVELS - 1)).long() // 32  # (n, 4, 1)
+    counts = torch.stack([(bins == j).sum(0) for j in range(8)]).to(torch.float64)  # (8, 4, 1)
+    mass = p.reshape(8, 32, 4, 1).sum(1)
+    assert_within_stderr(counts, n * mass, (n * mass * (1 - mass)).sqrt(), "draws per bin of levels")
+
+
+@pytest.mark.parametrize(
+    ("architecture", "data_shape", "options"),
+    [("mlp", (2, 3), {"hidden": [4]}), ("conv", (2, 28, 28), {"base_channels": 4})],
+)
+def test_decoders_emit_the_mixture_parameters_and_start_at_the_data_mean(architecture, data_shape, options):
+    """Every component starts with its location at the data mean (per value for an MLP's bias, per channel for a
+    transposed convolution's), with equal weights and the initial scale, whatever the decoder's weights."""
+    likelihood = DiscretizedLogisticMixtureLikelihood(data_shape, components=MIXTURE_K)
+    _, decoder = build_pair(architecture, data_shape, 2, likelihood, **options)
+    assert decoder.out_shape == likelihood.params_shape
+    pixel_mean = torch.rand(data_shape, generator=torch.Generator().manual_seed(23))
+    init_decoder_bias(decoder, pixel_mean, likelihood)
+    with torch.no_grad():
+        decoder.output_layer.weight.zero_()  # the output is then the bias alone
+        mixture = likelihood(decoder(torch.randn(5, 2))).base_dist
+    per_channel = architecture == "conv"
+    expected = pixel_mean.mean((1, 2), keepdim=True).expand(data_shape) if per_channel else pixel_mean
+    for k in range(MIXTURE_K):
+        torch.testing.assert_close(mixture.component_distribution.loc[..., k], expected.expand(5, *data_shape))
+    torch.testing.assert_close(mixture.mixture_distribution.probs, torch.full((5, *data_shape, MIXTURE_K), 1 / 3))
+    scale = mixture.component_distribution.scale
+    torch.testing.assert_close(scale, torch.full_like(scale, likelihood.init_scale))
+
+
+def test_an_architecture_without_params_shape_refuses_the_mixture(monkeypatch):
+    from vaelab.nets import ARCHITECTURES, mlp_pair
+
+    def plain(data_shape, latent_dim):  # a user's builder from before params_shape: one output per value
+        return mlp_pair(data_shape, latent_dim, hidden=(4,))
+
+    monkeypatch.setitem(ARCHITECTURES, "plain", plain)
+    _, decoder = build_pair("plain", (6,), 2, BernoulliLikelihood((6,)))  # one parameter per value: fine
+    assert decoder.out_shape == (6,)
+    with pytest.raises(ValueError, match=r"needs 9 decoder outputs per value.*'plain' has no params_shape option"):
+        build_pair("plain", (6,), 2, DiscretizedLogisticMixtureLikelihood((6,), components=3))
+
+
+@pytest.mark.parametrize(("components", "match"), [(0, "components must be an int >= 1"), (2.0, "components")])
+def test_discretized_logistic_mixture_bad_options_raise(components, match):
+    with pytest.raises(ValueError, match=match):
+        DiscretizedLogisticMixtureLikelihood((4,), components=components)
+    with pytest.raises(ValueError, match="0 < min_scale < init_scale"):
+        DiscretizedLogisticMixtureLikelihood((4,), min_scale=0.2, init_scale=0.1)
+    with pytest.raises(ValueError, match=r"takes decoder outputs \[\*batch, 9\]"):
+        DiscretizedLogisticMixtureLikelihood((3,), components=1)(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("model", ["vae", "iwae-2layer"])
+def test_discretized_logistic_mixture_trains_and_reloads(tmp_path, model):
+    from vaelab.estimators import log_marginal
+    from vaelab.evaluate import evaluate_model
+    from vaelab.runs import load_run
+    from vaelab.train import train
+
+    gen = torch.Generator().manual_seed(24)
+    shape = (784,) if model == "iwae-2layer" else (16,)
+    data = torch.randint(0, LEVELS, (100, *shape), generator=gen).to(torch.uint8)
+    fields = {"model": model, "latent_dim": 150} if model == "iwae-2layer" else {}
+    if model == "iwae-2layer":
+        fields["architecture_options"] = {}
+    config = tiny_config(
+        likelihood="discretized-logistic-mixture", likelihood_options={"components": 2}, max_steps=3, **fields
+    )
+    result = train(config, data, data[:20], tmp_path / "run")
+    assert result.step == 3
+    model = load_run(tmp_path / "run").model
+    assert model.likelihood.params_shape == (6 * shape[0],)
+    x = data[:5].to(torch.float32) / 255
+    log_px = log_marginal(model, x, k=4).value
+    assert bool(torch.isfinite(log_px).all()) and bool((log_px < 0).all())
+    # the standard evaluation gives 8-bit models' log p(x) in bits per dimension too
+    result = evaluate_model(model, x, k=4, iwae_ks=(2,), elbo_k=2, progress=False, compile=False)
+    dim = shape[0]
+    assert result["bits_per_dim"]["mean"] == pytest.approx(-result["log_px"]["mean"] / (dim * math.log(2)))
+    assert result["bits_per_dim"]["sem"] == pytest.approx(result["log_px"]["sem"] / (dim * math.log(2)))
+    bernoulli = build_model(tiny_config(), shape)
+    assert "bits_per_dim" not in evaluate_model(bernoulli, x.round(), k=4, iwae_ks=(2,), elbo_k=2, progress=False)

@@ -229,8 +229,10 @@ def test_init_decoder_bias_errors():
     _, decoder = mlp_pair((6,), 2, hidden=(4,))
     with pytest.raises(ValueError, match="unknown likelihood 'poisson'"):
         init_decoder_bias(decoder, torch.rand(6), likelihood="poisson")
-    with pytest.raises(ValueError, match=r"output shape \(6,\), got \(7,\)"):
+    with pytest.raises(ValueError, match=r"decoder outputs \(6,\), but BernoulliLikelihood takes \(7,\)"):
         init_decoder_bias(decoder, torch.rand(7))
+    with pytest.raises(ValueError, match=r"likelihood's data shape \(6,\), got \(7,\)"):
+        init_decoder_bias(decoder, torch.rand(7), likelihood=BernoulliLikelihood((6,)))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         init_decoder_bias(decoder, torch.full((6,), 2.0))
     with pytest.raises(ValueError, match="NaN or inf"):

@@ -593,6 +593,7 @@ def step_in_lockstep(eager: Trainer, compiled: Trainer, steps: int) -> dict[str,
         dict(objective="miwae", k=3, objective_options={"m": 2}),
         dict(objective="piwae", k=3, objective_options={"m": 2}),
         dict(objective="ciwae", k=3, objective_options={"elbo_weight": 0.3}),
+        dict(likelihood="discretized-logistic-mixture", likelihood_options={"components": 2}),  # 3K outputs a value
     ],
     ids=[
         "elbo-beta-warmup",
@@ -606,6 +607,7 @@ def step_in_lockstep(eager: Trainer, compiled: Trainer, steps: int) -> dict[str,
         "miwae",
         "piwae",
         "ciwae",
+        "logistic-mixture",
     ],
 )
 def test_compiled_steps_match_eager_steps_without_recompiling(tmp_path, overrides, monkeypatch):

@@ -29,6 +29,7 @@ from torch.distributions import constraints
 from vaelab.diagnostics import NotApplicable, PerExample, is_real_support
 from vaelab.estimators import data_support
 from vaelab.evaluate import summarize
+from vaelab.likelihoods import bits_per_dim as discrete_bits_per_dim
 from vaelab.models import LinearGaussian
 
 PPCA_NOTE = (
@@ -113,7 +114,7 @@ def bits_per_dim(log_px: torch.Tensor | float, data_dim: int) -> torch.Tensor | 
     equality for p constant on each cube). So the bits per dimension of the discrete data are at most
     -(log p - D ln 256) / (D ln 2) = -log p / (D ln 2) + 8: a uniform density (log p = 0) gives exactly 8.
     """
-    return -log_px / (data_dim * math.log(2)) + math.log2(QUANTIZATION_LEVELS)
+    return discrete_bits_per_dim(log_px - data_dim * math.log(QUANTIZATION_LEVELS), data_dim)
 
 
 @dataclass(frozen=True)

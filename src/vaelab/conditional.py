@@ -23,7 +23,6 @@ logsumexp over c is the marginal log p(x) = log sum_c p(x|c) p(c).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from vaelab._math import inverse_softplus, positive_scale
 from vaelab.estimators import log_marginal
 from vaelab.likelihoods import LIKELIHOODS, Likelihood
 from vaelab.models import bind, register_model
-from vaelab.nets import ARCHITECTURES
+from vaelab.nets import ARCHITECTURES, build_pair, takes_option
 from vaelab.posteriors import POSTERIORS, DiagonalGaussian
 from vaelab.priors import PRIORS
 
@@ -126,13 +125,14 @@ class ConditionalVAE(nn.Module):
         """The cVAE ``config`` describes: ``classes``, the ``architecture`` builder (widened by C), ``prior`` as
         p(z|y), ``posterior`` and ``likelihood`` from their registries, for data of shape ``data_shape``."""
         shape, c = tuple(data_shape), config.classes
-        build = ARCHITECTURES[config.architecture]
-        encoder, decoder = build(shape, config.latent_dim, context_features=c, **config.architecture_options)
+        likelihood = LIKELIHOODS[config.likelihood](shape, **config.likelihood_options)
+        options = {"context_features": c, **config.architecture_options}
+        encoder, decoder = build_pair(config.architecture, shape, config.latent_dim, likelihood, **options)
         return cls(
             prior=CLASS_PRIORS[config.prior](config.latent_dim, c, **config.prior_options),
             encoder=encoder,
             decoder=decoder,
-            likelihood=LIKELIHOODS[config.likelihood](shape, **config.likelihood_options),
+            likelihood=likelihood,
             posterior=POSTERIORS[config.posterior](**config.posterior_options),
             classes=c,
         )
@@ -200,7 +200,7 @@ class GivenLabels:
         lead = z.shape[:-1]  # (*S, B)
         onehot = self.onehot.to(z.dtype).expand(*lead, -1)  # (*S, B, C)
         params = self.model.decoder(torch.cat([z, onehot], dim=-1).reshape(-1, z.shape[-1] + onehot.shape[-1]))
-        return self.model.likelihood(params.reshape(*lead, *self.data_shape))
+        return self.model.likelihood(params.reshape(*lead, *self.model.likelihood.params_shape))
 
 
 # --- the generative classifier ---------------------------------------------------------------------------------------
@@ -252,11 +252,6 @@ def generative_log_probs(model, x: torch.Tensor, *, k: int, batch_size: int = 10
     marginal log p(x)."""
     joint = class_log_likelihoods(model, x, k=k, batch_size=batch_size).value
     return joint + class_log_prior(model).to(joint)
-
-
-def takes_option(build, name: str) -> bool:
-    """Whether an architecture builder takes the keyword option ``name`` (e.g. ``context_features``)."""
-    return name in inspect.signature(build).parameters
 
 
 def _classes(model) -> int:

@@ -17,7 +17,16 @@ from typing import Any
 
 import torch
 
-from vaelab.estimators import ELBO_FORMS, LogMarginal, elbo_integrands, latent_dim, log_marginal, pareto_k_threshold
+from vaelab.estimators import (
+    ELBO_FORMS,
+    LogMarginal,
+    data_support,
+    elbo_integrands,
+    latent_dim,
+    log_marginal,
+    pareto_k_threshold,
+)
+from vaelab.likelihoods import bits_per_dim, eight_bit
 from vaelab.models import bind
 from vaelab.posteriors import distribution_mean, is_factorised_gaussian, kl_per_dimension
 from vaelab.progress import progress_bar
@@ -113,7 +122,9 @@ def evaluate_model(
     passes),
     ``log_px`` (k importance samples: mean, sem over examples, mean Monte Carlo stderr, median ESS, the fraction of
     examples whose Pareto k-hat exceeds the reliability threshold), ``posterior_gap`` (log p-hat - ELBO), and the
-    latent usage of :func:`latent_usage`. Runs under ``torch.inference_mode``. ``compile``: the streamed log p(x)
+    latent usage of :func:`latent_usage`; for a model of 8-bit images (a probability mass, e.g. the discretized
+    logistic and its mixture) also ``bits_per_dim``, -log p(x) / (D ln 2) with its sem. Runs under
+    ``torch.inference_mode``. ``compile``: the streamed log p(x)
     estimates run compiled (see :func:`vaelab.estimators.log_marginal`); ``None``: exactly when the evaluation is
     long enough to repay the compilation, k x examples >= :data:`AUTO_COMPILE_SAMPLES`.
     """
@@ -172,6 +183,10 @@ def _evaluate_model(
         },
         "posterior_gap": summarize(estimate.value - cat["elbo_kl"]),
     }
+    if data_support(model, x[:1]) is eight_bit:  # a probability mass over 8-bit images: also in bits per dimension
+        dim = math.prod(x.shape[1:])
+        result["bits_per_dim"] = {"mean": bits_per_dim(result["log_px"]["mean"], dim)}
+        result["bits_per_dim"]["sem"] = result["log_px"]["sem"] / (dim * math.log(2))
     result.update(latent_usage(model, x, context=context))
     return result, estimate
 

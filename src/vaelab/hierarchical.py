@@ -212,7 +212,7 @@ class HierarchicalVAE(nn.Module):
         lead = z.shape[:-1]
         z1 = z[..., : self.latent_dims[0]]
         params = self.nets["p_x_z1"](z1.reshape(-1, z1.shape[-1]))  # (N, ...) with N = prod(lead)
-        return self.likelihood(params.reshape(*lead, *self.data_shape))
+        return self.likelihood(params.reshape(*lead, *self.likelihood.params_shape))
 
     @property
     def output_net(self) -> nn.Module:
@@ -238,8 +238,9 @@ class HierarchicalVAE(nn.Module):
         """
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {sorted(LIKELIHOODS)}")
-        nets = iwae_2layer_nets(data_shape, latent_dim=cls.IWAE_LATENT_DIMS[1])
-        return cls(nets, LIKELIHOODS[likelihood](data_shape, **likelihood_options), latent_dims=cls.IWAE_LATENT_DIMS)
+        emits = LIKELIHOODS[likelihood](data_shape, **likelihood_options)
+        nets = iwae_2layer_nets(data_shape, latent_dim=cls.IWAE_LATENT_DIMS[1], params_shape=emits.params_shape)
+        return cls(nets, emits, latent_dims=cls.IWAE_LATENT_DIMS)
 
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:

@@ -11,7 +11,11 @@ Each likelihood class carries its own facts, so nothing elsewhere keys on its na
 * ``binary``: the data are 0/1 (training binarizes batches by default, :attr:`vaelab.config.TrainConfig.binarizes`);
 * ``density_on_reals``: ``log_prob`` is a density on R^D, comparable with other densities on R^D (e.g. pPCA's);
 * :meth:`Likelihood.bias_from_mean`: the decoder output that reproduces a pixel mean, to start the decoder's last
-  bias at the data mean (:func:`vaelab.nets.init_decoder_bias`).
+  bias at the data mean (:func:`vaelab.nets.init_decoder_bias`);
+* ``params_per_value`` and :attr:`Likelihood.params_shape`: how many numbers the decoder outputs per data value (1
+  for all but the mixture of discretized logistics, which takes 3K), so a decoder emits ``params_shape``: the data
+  shape with its first (channel) size multiplied by ``params_per_value``. The architecture builders take it as their
+  ``params_shape`` option (:func:`vaelab.nets.build_pair`).
 
 A new likelihood is one subclass here, one line in :data:`LIKELIHOODS` and one test.
 """
@@ -27,9 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import (
     Bernoulli,
+    Categorical,
     ContinuousBernoulli,
     Distribution,
     Independent,
+    MixtureSameFamily,
     Normal,
     constraints,
 )
@@ -49,15 +55,27 @@ class Likelihood(nn.Module):
     binary: ClassVar[bool] = False
     density_on_reals: ClassVar[bool] = True
 
-    # mean [*shape] -> the decoder output [*shape] whose distribution has (about) that mean, per value; None: no rule
-    # (the decoder's bias is then left as initialised). E.g. the logit for Bernoulli pixels, the mean for Gaussians.
+    # mean [C, *rest] -> the decoder output [params_per_value * C, *rest] whose distribution has (about) that mean;
+    # None: no rule (the decoder's bias is then left as initialised). E.g. the logit for Bernoulli pixels, the mean for
+    # Gaussians.
     bias_from_mean: ClassVar[Callable[[torch.Tensor], torch.Tensor] | None] = None
+
+    # numbers the decoder outputs per data value (an instance may set its own, e.g. from a number of components)
+    params_per_value: int = 1
 
     def __init__(self, data_shape: Sequence[int]):
         super().__init__()
         self.data_shape = torch.Size(data_shape)
         if len(self.data_shape) == 0 or any(n < 1 for n in self.data_shape):
             raise ValueError(f"data_shape must be a non-empty shape of positive sizes, got {tuple(data_shape)}")
+
+    @property
+    def params_shape(self) -> torch.Size:
+        """The decoder's output for one example: ``data_shape`` with its first size times ``params_per_value``
+        (for images ``(C, H, W)``, ``params_per_value * C`` channels, the values of one parameter for all channels
+        next to each other)."""
+        first, *rest = self.data_shape
+        return torch.Size([self.params_per_value * first, *rest])
 
     def _independent(self, base: Distribution, kind: type[Independent] = Independent) -> Distribution:
         return kind(base, len(self.data_shape), validate_args=False)
@@ -201,6 +219,12 @@ class _EightBit(constraints.Constraint):
 eight_bit = _EightBit()
 
 
+def bits_per_dim(log_px: torch.Tensor | float, data_dim: int) -> torch.Tensor | float:
+    """-log P(x) / (D ln 2): bits per dimension of 8-bit data x (D values) under a probability mass P over the 256^D
+    images (a likelihood whose support is :data:`eight_bit`); raw 8-bit storage is 8."""
+    return -log_px / (data_dim * math.log(2))
+
+
 class DiscretizedLogistic(Distribution):
     """P(x) for an 8-bit pixel x = k / 255: the mass a logistic(loc, scale) puts on the bin [x - 1/510, x + 1/510],
     the bins of 0 and 1 extended to -inf and +inf, so the 256 masses sum to 1 (Salimans, Karpathy, Chen & Kingma,
@@ -272,6 +296,8 @@ class DiscretizedLogisticLikelihood(LearnedScale):
     one ``shared`` by all pixels: scale = softplus(raw) + ``min_scale``; being a mass, P(x) <= 1 however small the
     scale, so the floor is for the gradients' sake only.
 
+    For a mixture of several logistics per value, see :class:`DiscretizedLogisticMixtureLikelihood`.
+
     Training keeps the 8-bit values (``binarize`` off by default, as for every non-binary likelihood); data must be
     on the grid k / 255 (uint8 sources are, divided by 255 in :func:`vaelab.data.as_float`).
     """
@@ -279,6 +305,7 @@ class DiscretizedLogisticLikelihood(LearnedScale):
     support = eight_bit
     density_on_reals = False
     bias_from_mean = staticmethod(_identity)
+    bits_per_dim = staticmethod(bits_per_dim)
 
     def __init__(
         self,
@@ -293,10 +320,61 @@ class DiscretizedLogisticLikelihood(LearnedScale):
     def forward(self, loc: torch.Tensor) -> Distribution:
         return self._independent(DiscretizedLogistic(loc, self.scale.to(loc.dtype), validate_args=False))
 
-    @staticmethod
-    def bits_per_dim(log_px: torch.Tensor, data_dim: int) -> torch.Tensor:
-        """-log P(x) / (D ln 2): bits per dimension of the 8-bit data under this (discrete) model."""
-        return -log_px / (data_dim * math.log(2))
+
+class DiscretizedLogisticMixtureLikelihood(Likelihood):
+    """p(x|z) = prod_i sum_k pi_ik DiscretizedLogistic(x_i; loc_ik, scale_ik): a mixture of K discretized logistics
+    per value (Salimans, Karpathy, Chen & Kingma, 2017, "PixelCNN++"), for 8-bit images held as k / 255.
+
+    The decoder outputs ``3 K`` numbers per value (``params_per_value``; the builders size it from
+    :attr:`~Likelihood.params_shape`): K mixture logits, K locations (data units), K raw scales with scale =
+    softplus(raw) + ``min_scale``, each one set of K for all channels in turn. A torch ``MixtureSameFamily`` of
+    :class:`DiscretizedLogistic` components does the rest (log-sum-exp over components, exact draws), so the
+    masses of a value's 256 levels sum to 1 as they do for one logistic.
+
+    Unlike PixelCNN++, the channels of a pixel are independent given z: PixelCNN++ couples R, G and B of a pixel
+    by linear terms in its autoregressive decoder; a VAE's decoder sees only z, and its mixture already makes a
+    value's distribution multimodal. At the start (``bias_from_mean``) the components have equal weights, the
+    location at the data mean and the scale ``init_scale``; the decoder's random weights tell them apart.
+    """
+
+    support = eight_bit
+    density_on_reals = False
+    bits_per_dim = staticmethod(bits_per_dim)
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        *,
+        components: int = 5,
+        min_scale: float = 1e-3,
+        init_scale: float = 0.1,
+    ):
+        super().__init__(data_shape)
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ValueError(f"components must be an int >= 1, got {components!r}")
+        if not 0 < min_scale < init_scale:
+            raise ValueError(f"need 0 < min_scale < init_scale, got min_scale={min_scale}, init_scale={init_scale}")
+        self.components, self.min_scale, self.init_scale = components, min_scale, init_scale
+        self.params_per_value = 3 * components
+
+    def bias_from_mean(self, mean: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """``mean [C, *rest] -> [3 K C, *rest]``: logits 0, every location at the mean, every scale ``init_scale``."""
+        raw = inverse_softplus(torch.tensor(self.init_scale - self.min_scale, dtype=mean.dtype, device=mean.device))
+        groups = torch.stack([torch.zeros_like(mean), mean, raw.expand_as(mean)])  # (3, C, *rest)
+        return groups.unsqueeze(1).expand(3, self.components, *mean.shape).reshape(-1, *mean.shape[1:])
+
+    def forward(self, params: torch.Tensor) -> Distribution:
+        at = params.ndim - len(self.data_shape)  # where params_shape starts
+        if at < 0 or params.shape[at:] != self.params_shape:
+            raise ValueError(
+                f"a mixture of {self.components} discretized logistics takes decoder outputs [*batch, "
+                f"{', '.join(map(str, self.params_shape))}] (3 K per value), got {tuple(params.shape)}"
+            )
+        # [*lead, 3 K C, *rest] -> [*lead, 3, K, C, *rest] -> three [*lead, C, *rest, K]
+        logits, loc, raw = params.unflatten(at, (3, self.components, -1)).movedim(at + 1, -1).unbind(at)
+        components = DiscretizedLogistic(loc, positive_scale(raw, self.min_scale), validate_args=False)
+        mixture = MixtureSameFamily(Categorical(logits=logits, validate_args=False), components, validate_args=False)
+        return self._independent(mixture)
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {
@@ -305,4 +383,5 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
     "gaussian": GaussianLikelihood,
     "gaussian-learned": LearnedGaussianLikelihood,
     "discretized-logistic": DiscretizedLogisticLikelihood,
+    "discretized-logistic-mixture": DiscretizedLogisticMixtureLikelihood,
 }

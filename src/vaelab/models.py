@@ -41,7 +41,7 @@ from torch.distributions import (
 )
 
 from vaelab.likelihoods import LIKELIHOODS, Likelihood
-from vaelab.nets import ARCHITECTURES
+from vaelab.nets import build_pair
 from vaelab.posteriors import POSTERIORS, DiagonalGaussian
 from vaelab.priors import PRIORS
 
@@ -157,12 +157,14 @@ class VAE(nn.Module):
         (:data:`~vaelab.nets.ARCHITECTURES`, :data:`~vaelab.priors.PRIORS`, :data:`~vaelab.posteriors.POSTERIORS`,
         :data:`~vaelab.likelihoods.LIKELIHOODS`), for data of shape ``data_shape``."""
         shape = tuple(data_shape)
-        encoder, decoder = ARCHITECTURES[config.architecture](shape, config.latent_dim, **config.architecture_options)
+        likelihood = LIKELIHOODS[config.likelihood](shape, **config.likelihood_options)
+        options = config.architecture_options
+        encoder, decoder = build_pair(config.architecture, shape, config.latent_dim, likelihood, **options)
         return cls(
             prior=PRIORS[config.prior](config.latent_dim, **config.prior_options),
             encoder=encoder,
             decoder=decoder,
-            likelihood=LIKELIHOODS[config.likelihood](shape, **config.likelihood_options),
+            likelihood=likelihood,
             posterior=POSTERIORS[config.posterior](**config.posterior_options),
         )
 
@@ -183,7 +185,7 @@ class VAE(nn.Module):
         """p(x|z) for ``z: [*S, d]``: batch ``S``, event ``data_shape``."""
         lead = z.shape[:-1]
         params = self.decoder(z.reshape(-1, z.shape[-1]))  # (N, ...) with N = prod(lead)
-        return self.likelihood(params.reshape(*lead, *self.data_shape))
+        return self.likelihood(params.reshape(*lead, *self.likelihood.params_shape))
 
 
 class IllConditionedWarning(UserWarning):

@@ -4,20 +4,23 @@ The networks are plain deterministic maps; :class:`vaelab.models.VAE` turns thei
 
 * an encoder maps ``x [B, *data_shape]`` to ``[B, 2d]`` raw parameters (loc, raw scale) for the
   :class:`~vaelab.posteriors.DiagonalGaussian` head;
-* a decoder maps ``z [N, d]`` to ``[N, *data_shape]`` likelihood parameters (logits for Bernoulli and
-  continuous Bernoulli, the mean for Gaussians). Callers flatten extra leading dims first
-  (``[K, B, d] -> [K*B, d]``), as ``VAE.decode`` does.
+* a decoder maps ``z [N, d]`` to ``[N, *params_shape]`` likelihood parameters (logits for Bernoulli and
+  continuous Bernoulli, the mean for Gaussians; ``params_shape`` is ``data_shape`` for these, and 3K channels per
+  data channel for a mixture of K discretized logistics: :attr:`vaelab.likelihoods.Likelihood.params_shape`).
+  Callers flatten extra leading dims first (``[K, B, d] -> [K*B, d]``), as ``VAE.decode`` does.
 
 Every decoder exposes ``output_layer`` (its last operation, with nothing after it) and ``out_shape``, so
 :func:`init_decoder_bias` can start it at the data mean.
 
-:data:`ARCHITECTURES` maps a name to a builder ``(data_shape, latent_dim, **options) -> (encoder, decoder)``;
+:data:`ARCHITECTURES` maps a name to a builder ``(data_shape, latent_dim, **options) -> (encoder, decoder)``
+(option ``params_shape``: the decoder's output, when it is not ``data_shape``; :func:`build_pair` passes it);
 a builder raises ``ValueError`` naming the problem when it cannot serve the shape. The IWAE paper's
 two-stochastic-layer networks are not a pair and live in :data:`HIERARCHICAL_NETS`.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -190,20 +193,23 @@ def mlp_pair(
     hidden: Sequence[int] = (512, 256),
     activation: str = "tanh",
     context_features: int = 0,
+    params_shape: Sequence[int] | None = None,
 ) -> tuple[MLP, MLP]:
     """An MLP encoder and its mirror image as decoder; works for any data shape (images are flattened).
 
     Encoder ``prod(data_shape) + context_features -> hidden -> 2d``; decoder ``d + context_features ->
-    reversed(hidden) -> data_shape``. ``context_features`` (set by a conditional model, never by a config: e.g. a
-    one-hot label, :class:`vaelab.conditional.ConditionalVAE`) widens both inputs: the caller concatenates the
-    context to the flattened x, and to z.
+    reversed(hidden) -> params_shape`` (the likelihood's :attr:`~vaelab.likelihoods.Likelihood.params_shape`;
+    ``data_shape`` when None, one parameter per value). ``context_features`` (set by a conditional model, never
+    by a config: e.g. a one-hot label, :class:`vaelab.conditional.ConditionalVAE`) widens both inputs: the caller
+    concatenates the context to the flattened x, and to z.
     """
     shape = _check_data_shape(data_shape)
     _check_size(latent_dim, "latent_dim")
     if isinstance(context_features, bool) or not isinstance(context_features, int) or context_features < 0:
         raise ValueError(f"context_features must be an int >= 0, got {context_features!r}")
     encoder = MLP(shape.numel() + context_features, hidden, 2 * latent_dim, activation)
-    decoder = MLP(latent_dim + context_features, tuple(reversed(hidden)), shape, activation)
+    out = shape if params_shape is None else _check_data_shape(params_shape)
+    decoder = MLP(latent_dim + context_features, tuple(reversed(hidden)), out, activation)
     return encoder, decoder
 
 
@@ -220,12 +226,15 @@ def _check_iwae_data(data_shape: Sequence[int], preset: str) -> torch.Size:
     return shape
 
 
-def iwae_1layer_pair(data_shape: Sequence[int], latent_dim: int = 50) -> tuple[MLP, MLP]:
+def iwae_1layer_pair(
+    data_shape: Sequence[int], latent_dim: int = 50, *, params_shape: Sequence[int] | None = None
+) -> tuple[MLP, MLP]:
     """The one-stochastic-layer architecture of Burda, Grosse & Salakhutdinov (2016), sec. 5.
 
     Encoder 784-200-200-(2 x 50), decoder 50-200-200-784, tanh throughout. Its (loc, scale) heads are one
     ``Linear(200, 100)`` here; the paper's separate mean and log-sigma layers have the same parameter count.
     The paper starts the decoder's output bias at the training data's mean: call :func:`init_decoder_bias`.
+    ``params_shape``: the decoder's output, as in :func:`mlp_pair`.
 
     Raises:
         ValueError: if the data are not 784 values, or ``latent_dim`` is not the paper's 50 (use ``"mlp"``
@@ -237,7 +246,7 @@ def iwae_1layer_pair(data_shape: Sequence[int], latent_dim: int = 50) -> tuple[M
             f"the iwae-1layer preset has 50 latent units, got latent_dim={latent_dim!r}; "
             "use 'mlp' with hidden=(200, 200), activation='tanh' for another size"
         )
-    return mlp_pair(shape, latent_dim, hidden=(200, 200), activation="tanh")
+    return mlp_pair(shape, latent_dim, hidden=(200, 200), activation="tanh", params_shape=params_shape)
 
 
 def conv_pair(
@@ -246,13 +255,15 @@ def conv_pair(
     *,
     base_channels: int = 32,
     activation: str = "relu",
+    params_shape: Sequence[int] | None = None,
 ) -> tuple[ConvEncoder, ConvDecoder]:
     """A conv encoder and its mirrored transposed-conv decoder for (C, S, S) images, S in {28, 32, 64}.
 
-    See :class:`ConvEncoder` and :class:`ConvDecoder`; the decoder produces exactly ``data_shape``.
+    See :class:`ConvEncoder` and :class:`ConvDecoder`; the decoder produces exactly ``params_shape`` (the
+    likelihood's, e.g. ``(P C, S, S)`` for P parameters per value), or ``data_shape`` when None.
     """
     encoder = ConvEncoder(data_shape, latent_dim, base_channels, activation)
-    decoder = ConvDecoder(data_shape, latent_dim, base_channels, activation)
+    decoder = ConvDecoder(data_shape if params_shape is None else params_shape, latent_dim, base_channels, activation)
     return encoder, decoder
 
 
@@ -265,8 +276,38 @@ ARCHITECTURES: dict[str, Builder] = {
 }
 
 
+def takes_option(build: Builder, name: str) -> bool:
+    """Whether an architecture builder takes the keyword option ``name`` (e.g. ``context_features``)."""
+    return name in inspect.signature(build).parameters
+
+
+def build_pair(
+    architecture: str, data_shape: Sequence[int], latent_dim: int, likelihood: Likelihood, **options
+) -> tuple[nn.Module, nn.Module]:
+    """The encoder and decoder of ``ARCHITECTURES[architecture]`` for data of ``data_shape``, the decoder emitting
+    what ``likelihood`` takes (:attr:`~vaelab.likelihoods.Likelihood.params_shape`).
+
+    ``params_shape`` is passed only when it differs from the data shape, so a builder a user registers without that
+    option still serves every likelihood with one parameter per value.
+
+    Raises:
+        ValueError: if the likelihood needs several parameters per value and the builder cannot emit them.
+    """
+    build = ARCHITECTURES[architecture]
+    if likelihood.params_shape != torch.Size(data_shape):
+        if not takes_option(build, "params_shape"):
+            raise ValueError(
+                f"{type(likelihood).__name__} needs {likelihood.params_per_value} decoder outputs per value, and "
+                f"architecture {architecture!r} has no params_shape option to emit them"
+            )
+        options = {**options, "params_shape": likelihood.params_shape}
+    return build(data_shape, latent_dim, **options)
+
+
 # --- the IWAE paper's two-stochastic-layer networks ---------------------------------------------------------
-def iwae_2layer_nets(data_shape: Sequence[int], latent_dim: int = 50) -> nn.ModuleDict:
+def iwae_2layer_nets(
+    data_shape: Sequence[int], latent_dim: int = 50, *, params_shape: Sequence[int] | None = None
+) -> nn.ModuleDict:
     """The four networks of the two-stochastic-layer model of Burda, Grosse & Salakhutdinov (2016), sec. 5.
 
     With z1 of 100 and z2 of 50 units, tanh throughout (Gaussian heads output ``[N, 2 * size]``, as
@@ -276,7 +317,8 @@ def iwae_2layer_nets(data_shape: Sequence[int], latent_dim: int = 50) -> nn.Modu
     * ``"q_z1_x"``:  q(z1|x),  ``x [B, *data_shape] -> [B, 200]``: 784-200-200-(2 x 100);
     * ``"q_z2_z1"``: q(z2|z1), ``z1 [N, 100] -> [N, 100]``:        100-100-100-(2 x 50);
     * ``"p_z1_z2"``: p(z1|z2), ``z2 [N, 50] -> [N, 200]``:         50-100-100-(2 x 100);
-    * ``"p_x_z1"``:  p(x|z1),  ``z1 [N, 100] -> [N, *data_shape]``: 100-200-200-784 (likelihood parameters).
+    * ``"p_x_z1"``:  p(x|z1),  ``z1 [N, 100] -> [N, *params_shape]``: 100-200-200-784 (likelihood parameters;
+      ``params_shape`` defaults to ``data_shape``, one per value).
 
     The prior is p(z2) = N(0, I_50). These are only the networks; the model chaining them is a separate class.
 
@@ -293,7 +335,7 @@ def iwae_2layer_nets(data_shape: Sequence[int], latent_dim: int = 50) -> nn.Modu
             "q_z1_x": MLP(shape.numel(), (200, 200), 2 * z1, "tanh"),
             "q_z2_z1": MLP(z1, (100, 100), 2 * z2, "tanh"),
             "p_z1_z2": MLP(z2, (100, 100), 2 * z1, "tanh"),
-            "p_x_z1": MLP(z1, (200, 200), shape, "tanh"),
+            "p_x_z1": MLP(z1, (200, 200), shape if params_shape is None else params_shape, "tanh"),
         }
     )
 
@@ -326,23 +368,32 @@ def init_decoder_bias(
         decoder: a network with ``output_layer`` (e.g. from :data:`ARCHITECTURES`); modified in place.
         pixel_mean: ``Tensor[*data_shape]``, the training data's mean per pixel (in [0, 1] for logits).
         likelihood: a key of :data:`vaelab.likelihoods.LIKELIHOODS`, or a :class:`~vaelab.likelihoods.Likelihood`
-            class or instance with a ``bias_from_mean`` rule.
+            class (built with its default options for ``pixel_mean``'s shape) or instance with a ``bias_from_mean``
+            rule; the decoder must emit its ``params_shape``.
     """
     if isinstance(likelihood, str):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {sorted(LIKELIHOODS)}")
         likelihood = LIKELIHOODS[likelihood]
+    if isinstance(likelihood, type):
+        likelihood = likelihood(pixel_mean.shape)  # its default options, for the data's shape
     to_bias = likelihood.bias_from_mean
     if to_bias is None:
-        name = likelihood.__name__ if isinstance(likelihood, type) else type(likelihood).__name__
+        name = type(likelihood).__name__
         raise ValueError(f"{name} has no bias_from_mean rule: it cannot start the decoder at the data mean")
     layer = getattr(decoder, "output_layer", None)
     if not isinstance(layer, nn.Module) or getattr(layer, "bias", None) is None:
         raise ValueError(f"{type(decoder).__name__} has no output_layer with a bias to initialise")
-    out_shape = getattr(decoder, "out_shape", None)
-    if out_shape is not None and pixel_mean.shape != out_shape:
+    if pixel_mean.shape != likelihood.data_shape:
         raise ValueError(
-            f"pixel_mean must have the decoder's output shape {tuple(out_shape)}, got {tuple(pixel_mean.shape)}"
+            f"pixel_mean must have the likelihood's data shape {tuple(likelihood.data_shape)}, "
+            f"got {tuple(pixel_mean.shape)}"
+        )
+    out_shape = getattr(decoder, "out_shape", None)
+    if out_shape is not None and likelihood.params_shape != out_shape:
+        raise ValueError(
+            f"the decoder outputs {tuple(out_shape)}, but {type(likelihood).__name__} takes "
+            f"{tuple(likelihood.params_shape)} for data of shape {tuple(pixel_mean.shape)}"
         )
     if not bool(torch.isfinite(pixel_mean).all()):
         raise ValueError("pixel_mean contains NaN or inf")
@@ -350,14 +401,15 @@ def init_decoder_bias(
     # compute in the wider of the two dtypes, so a float64 decoder gets float64-accurate logits
     dtype = torch.promote_types(pixel_mean.dtype, bias.dtype) if pixel_mean.is_floating_point() else bias.dtype
     pixel_mean = pixel_mean.to(device=bias.device, dtype=dtype)
-    if bias.shape == (pixel_mean.numel(),):  # one bias per output value (Linear)
-        target = to_bias(pixel_mean.flatten())
-    elif isinstance(layer, nn.Conv2d | nn.ConvTranspose2d) and bias.shape == pixel_mean.shape[:1]:
+    params = likelihood.params_shape
+    if bias.shape == (params.numel(),):  # one bias per output value (Linear)
+        target = to_bias(pixel_mean).flatten()
+    elif isinstance(layer, nn.Conv2d | nn.ConvTranspose2d) and bias.shape == params[:1]:
         # one bias per channel: transform the channel's mean over pixels
         target = to_bias(pixel_mean.mean(dim=tuple(range(1, pixel_mean.ndim))))
     else:
         raise ValueError(
             f"cannot match output_layer bias of shape {tuple(bias.shape)} "
-            f"to pixel_mean of shape {tuple(pixel_mean.shape)}"
+            f"to {type(likelihood).__name__}'s parameters of shape {tuple(params)}"
         )
     bias.copy_(target.to(bias))
