@@ -165,10 +165,12 @@ def run_row(name: str, row: Row, args) -> dict:
     every = max(1, epochs * per_epoch // points)
     train = ["train", *row.flags, "--data-dir", args.data_dir, "--epochs", epochs, "--out", run, "--no-progress"]
     train += ["--checkpoint-every", every, "--keep-last", points + 1]
-    train_seconds = None
+    sittings = run / "train_sittings.json"  # the wall time of each sitting that trained this row, summed below
     if not (run / "model.safetensors").is_file():
         resume = ["--resume"] if any((run / "checkpoints").glob("step_*")) else []
-        train_seconds = vaelab(*train, *resume)
+        seconds = vaelab(*train, *resume)
+        sittings.write_text(json.dumps([*(json.loads(sittings.read_text()) if sittings.is_file() else []), seconds]))
+    train_seconds = sum(json.loads(sittings.read_text())) if sittings.is_file() else None
     evaluation = run / "eval_test.json"
     eval_cmd = ["eval", run, "--k", row.eval_k, "--fast", "--no-progress", "--json", evaluation]
     if args.eval_examples:

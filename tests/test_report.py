@@ -158,6 +158,15 @@ def test_missing_diagnostics_say_not_computed(report, tmp_path):
     assert "not computed" in empty and not structure(empty).errors
 
 
+def test_a_model_of_eight_bit_images_leads_with_bits_per_dim_too(report):
+    path, _, _ = report
+    run = load_run(path.parent.parent / "run")
+    log_px = {"mean": -2000.0, "sem": 3.0, "k": 10}
+    text = render_report(run, {"log_px": log_px, "bits_per_dim": {"mean": 3.6804, "sem": 0.0055}})
+    assert "bits per dimension" in text and "3.6804 ± 0.0055" in text and not structure(text).errors
+    assert "bits per dimension" not in render_report(run, {"log_px": log_px})  # nats only for other models
+
+
 @pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
     reason=f"needs Chromium and its driver ({CHROMIUM}, {CHROMEDRIVER}: Debian packages chromium, chromium-driver)",

@@ -198,6 +198,9 @@ EXPLAIN: dict[str, str] = {
     "log p(x) that tightens as k grows (IWAE_1 is the ELBO) and reaches log p(x) as k → ∞ (Burda et al., 2016).",
     "iwae_curve": "If the curve is still rising at the largest k, the log p(x) estimate below is still too low; "
     "a curve that has flattened means extra samples no longer change the estimate.",
+    "bits_per_dim": "For a model of 8-bit images (a probability mass over the 256 levels of each value, e.g. the "
+    "discretized logistic): −log p(x) / (D ln 2), bits per dimension, the unit of natural-image models. Storing the "
+    "raw 8-bit values costs 8; lower is better.",
     "log_px": "The estimate of log p(x): importance sampling with k samples from the encoder's q(z|x). It is the "
     "IWAE bound at large k, so it errs low, never high. Trust it when the effective sample size is large and "
     "Pareto k̂ is below its threshold for most examples.",
@@ -514,6 +517,8 @@ def _headline(d: Mapping[str, Any]) -> str:
         [gap_label, num(pm(gap)), why("posterior_gap")],
         ["active units", num(f"{fmt(d.get('active_units'))} of {fmt(d.get('latent_dim'))}"), why("active_units")],
     ]
+    if isinstance(d.get("bits_per_dim"), Mapping):  # a model of 8-bit images
+        rows.insert(1, ["−log p(x), bits per dimension", num(pm(d["bits_per_dim"], 4)), why("bits_per_dim")])
     frac = lp.get("fraction_pareto_k_above_threshold")
     if isinstance(frac, int | float) and frac > 0.1:
         verdict = (
@@ -822,7 +827,7 @@ HANDLED = {
     "examples", "units", "elbo", "iwae", "log_px", "posterior_gap", "approximation_gap", "amortization_gap",
     "gap_decomposition", "elbo_forms", "estimator_study", "iwae_curve", "active_units", "latent_dim",
     "posterior_mean_variance", "kl_per_dim", "run_dir", "split", "weights", "seed", "diagnostics_examples",
-    "classification", "ladder", "marginal",
+    "classification", "ladder", "marginal", "bits_per_dim",
 }  # fmt: skip
 
 
