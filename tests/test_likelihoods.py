@@ -681,7 +681,7 @@ def test_discretized_logistic_mixture_bad_options_raise(components, match):
 @pytest.mark.parametrize("model", ["vae", "iwae-2layer"])
 def test_discretized_logistic_mixture_trains_and_reloads(tmp_path, model):
     from vaelab.estimators import log_marginal
-    from vaelab.evaluate import evaluate_model
+    from vaelab.evaluate import evaluate_model, format_evaluation
     from vaelab.runs import load_run
     from vaelab.train import train
 
@@ -706,5 +706,6 @@ def test_discretized_logistic_mixture_trains_and_reloads(tmp_path, model):
     dim = shape[0]
     assert result["bits_per_dim"]["mean"] == pytest.approx(-result["log_px"]["mean"] / (dim * math.log(2)))
     assert result["bits_per_dim"]["sem"] == pytest.approx(result["log_px"]["sem"] / (dim * math.log(2)))
+    assert f"= {result['bits_per_dim']['mean']:.4f} ± " in format_evaluation(result)  # in vaelab eval's summary
     bernoulli = build_model(tiny_config(), shape)
     assert "bits_per_dim" not in evaluate_model(bernoulli, x.round(), k=4, iwae_ks=(2,), elbo_k=2, progress=False)

@@ -223,6 +223,9 @@ def format_evaluation(result: dict[str, Any]) -> str:
         f"    per-example MC stderr {lp['mean_mc_stderr']:.3f}, median ESS {lp['median_ess']:.0f}, "
         f"k-hat > {lp['pareto_k_threshold']:.2f} for {100 * lp['fraction_pareto_k_above_threshold']:.1f}% of examples"
     )
+    bits = result.get("bits_per_dim")
+    if isinstance(bits, dict):  # a model of 8-bit images
+        lines.append(f"    = {bits['mean']:.4f} ± {bits['sem']:.4f} bits per dimension (raw 8-bit storage: 8)")
     gap = result["posterior_gap"]
     lines.append(f"  posterior gap log p(x) - ELBO  {gap['mean']:10.3f} ± {gap['sem']:.3f}")
     decomposed = result.get("gap_decomposition")
