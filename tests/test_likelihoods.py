@@ -620,6 +620,10 @@ def test_discretized_logistic_mixture_masses_sum_to_one_and_draws_follow_them():
     bound = rounding_gamma(8, torch.float64) * (p * (1 + 2 * ab.amax(-1))).sum(0)
     bound += rounding_gamma(LEVELS + 2 * MIXTURE_K + 4, torch.float64)
     assert bool(((p.sum(0) - 1).abs() <= bound).all())
+    # the mean (one sigmoid per level, summed) is sum_k (k / 255) P_k: levels <= 1 carry the masses' errors over,
+    # and the 255 sigmoids of the mean add gamma_(255 + 4)
+    by_hand = (levels.reshape(-1, 1, 1) * p).sum(0)
+    assert bool(((mixture.mean - by_hand).abs() <= bound + rounding_gamma(LEVELS + 4, torch.float64)).all())
     # draws: counts in 8 bins of 32 levels against n times the bin's mass, by the tolerance rule (binomial stderr)
     torch.manual_seed(22)
     n = 20_000

@@ -276,10 +276,13 @@ class DiscretizedLogistic(Distribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        """sum_k (k / 255) P(k / 255), exact (256 terms)."""
-        levels = torch.arange(LEVELS, dtype=self.loc.dtype, device=self.loc.device) / (LEVELS - 1)  # (256,)
-        probs = self.log_prob(levels.reshape(-1, *([1] * self.loc.ndim))).exp()  # (256, *batch)
-        return (probs * levels.reshape(-1, *([1] * self.loc.ndim))).sum(0)
+        """sum_k (k / 255) P(k / 255), exact: as (1 / 255) sum_{k=1}^{255} P(x >= k / 255), where
+        P(x >= k / 255) = sigma((loc - (k - 1/2) / 255) / scale), one sigmoid per level accumulated in place (the 256
+        masses are never held at once: a batch of images under a mixture would need 256 copies of its parameters)."""
+        total = torch.zeros_like(self.loc)
+        for k in range(1, LEVELS):
+            total += torch.sigmoid((self.loc - (k - 0.5) / (LEVELS - 1)) / self.scale)
+        return total / (LEVELS - 1)
 
     def enumerate_support(self, expand: bool = True) -> torch.Tensor:
         levels = torch.arange(LEVELS, dtype=self.loc.dtype, device=self.loc.device) / (LEVELS - 1)
