@@ -672,6 +672,11 @@ def test_an_architecture_without_params_shape_refuses_the_mixture(monkeypatch):
         build_pair("plain", (6,), 2, DiscretizedLogisticMixtureLikelihood((6,), components=3))
 
 
+def test_the_decoder_output_shape_comes_from_the_likelihood_never_from_a_config():
+    with pytest.raises(ValueError, match="unknown architecture_options 'params_shape'"):
+        TrainConfig(likelihood="discretized-logistic-mixture", architecture_options={"params_shape": [3]})
+
+
 @pytest.mark.parametrize(("components", "match"), [(0, "components must be an int >= 1"), (2.0, "components")])
 def test_discretized_logistic_mixture_bad_options_raise(components, match):
     with pytest.raises(ValueError, match=match):

@@ -281,7 +281,7 @@ REGISTRIES: dict[str, Mapping[str, Any]] = {
 # field -> (the field naming what the options go to, the arguments the builder passes itself): the options must be
 # keyword parameters of that class or function, other than those.
 OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "architecture_options": ("architecture", ("data_shape", "latent_dim", "context_features")),
+    "architecture_options": ("architecture", ("data_shape", "latent_dim", "context_features", "params_shape")),
     "prior_options": ("prior", ("latent_dim",)),
     "posterior_options": ("posterior", ()),
     "likelihood_options": ("likelihood", ("data_shape",)),
