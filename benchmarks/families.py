@@ -3,7 +3,8 @@ the plain VAE's, measured interleaved in one process.
 
 Every family is the ``iwae-1layer`` MLP on dynamically binarized MNIST (batch 100, Adam 1e-3) with one part changed:
 the VampPrior (500 pseudo-inputs through the encoder), planar or IAF posteriors, or the MIWAE / PIWAE / CIWAE bounds
-(with IWAE at the same number of samples beside them, since their cost is that of k decoder passes per example).
+(with IWAE at the same number of samples beside them, since their cost is that of k decoder passes per example), or
+the likelihood (a mixture of 5 discretized logistics per pixel, on the 8-bit grey levels rather than binarized).
 Each is a ``vaelab.train.Trainer`` with ``compile=True``, compiled during the warm-up; then ``--rounds`` rounds in
 which every family takes ``--steps`` steps, the order rotating each round (``throughput.timed_rounds``), so that the
 machine's other load falls on all of them alike. The ratio to the plain VAE is the median over rounds of the
@@ -40,6 +41,12 @@ FAMILIES: dict[str, dict] = {
     "miwae": {"objective": "miwae", "k": K // 2, "objective_options": {"m": 2}},
     "piwae": {"objective": "piwae", "k": K // 2, "objective_options": {"m": 2}},
     "ciwae": {"objective": "ciwae", "k": K, "objective_options": {"elbo_weight": 0.05}},
+    # the likelihood for 8-bit images: 5 discretized logistics per pixel (15 decoder outputs), on the grey levels
+    "logistic-mixture": {
+        "likelihood": "discretized-logistic-mixture",
+        "likelihood_options": {"components": 5},
+        "binarize": False,
+    },
 }
 
 
@@ -52,12 +59,11 @@ class Family:
             architecture="iwae-1layer",
             latent_dim=50,
             batch_size=args.batch_size,
-            binarize=True,
             validation_size=0,
             seed=args.seed,
             progress=False,
             compile=True,
-            **overrides,
+            **{"binarize": True, **overrides},
         )
         self._dir = tempfile.TemporaryDirectory()  # train_step writes nothing; the Trainer wants a run directory
         self.trainer = Trainer(config, data, None, self._dir.name)
