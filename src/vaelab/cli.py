@@ -923,6 +923,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vaelab.train import TrainingDiverged
     except KeyboardInterrupt:
         print("vaelab: interrupted", file=sys.stderr)
+        if argv is None:  # this process is the command line: leave now, with the status a shell expects
+            # CPython before 3.12 flags a KeyboardInterrupt raised inside some C-level PyRun_* call during an import
+            # (torch's) as unhandled even once caught here, and at exit kills itself with SIGINT instead (status -2
+            # where 130 is due: seen with Ctrl-C 1.6 s into `vaelab train --help` on a loaded machine). Nothing is
+            # open yet, so skipping the interpreter's shutdown loses nothing.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
     keep_freed_memory()  # the command line opts in to glibc keeping freed memory (vaelab._malloc): eager log p(x)
