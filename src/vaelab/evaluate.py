@@ -184,9 +184,7 @@ def _evaluate_model(
         "posterior_gap": summarize(estimate.value - cat["elbo_kl"]),
     }
     if data_support(model, x[:1]) is eight_bit:  # a probability mass over 8-bit images: also in bits per dimension
-        dim = math.prod(x.shape[1:])
-        result["bits_per_dim"] = {"mean": bits_per_dim(result["log_px"]["mean"], dim)}
-        result["bits_per_dim"]["sem"] = result["log_px"]["sem"] / (dim * math.log(2))
+        result["bits_per_dim"] = summarize(bits_per_dim(estimate.value, math.prod(x.shape[1:])))
     result.update(latent_usage(model, x, context=context))
     return result, estimate
 

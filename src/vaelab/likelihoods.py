@@ -342,7 +342,6 @@ class DiscretizedLogisticMixtureLikelihood(Likelihood):
 
     support = eight_bit
     density_on_reals = False
-    bits_per_dim = staticmethod(bits_per_dim)
 
     def __init__(
         self,
