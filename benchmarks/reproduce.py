@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -172,8 +173,12 @@ def run_row(name: str, row: Row, args) -> dict:
     sittings = run / "train_sittings.json"  # the wall time of each sitting that trained this row, summed below
     if not (run / "model.safetensors").is_file():
         resume = ["--resume"] if any((run / "checkpoints").glob("step_*")) else []
-        seconds = vaelab(*train, *resume)
-        sittings.write_text(json.dumps([*(json.loads(sittings.read_text()) if sittings.is_file() else []), seconds]))
+        start = time.perf_counter()
+        try:
+            vaelab(*train, *resume)
+        finally:  # a sitting stopped by Ctrl-C, SIGTERM or an error counts too: it resumes from its last checkpoint
+            done = json.loads(sittings.read_text()) if sittings.is_file() else []
+            sittings.write_text(json.dumps([*done, time.perf_counter() - start]))
     train_seconds = sum(json.loads(sittings.read_text())) if sittings.is_file() else None
     evaluation = run / "eval_test.json"
     eval_cmd = ["eval", run, "--k", row.eval_k, "--fast", "--no-progress", "--json", evaluation]
