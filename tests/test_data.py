@@ -44,6 +44,7 @@ from vaelab.data import (
     random_bits,
     read_idx,
     split_indices,
+    spread,
 )
 from vaelab.tolerance import reduction_error_bound
 
@@ -180,11 +181,38 @@ def test_validation_split_is_fixed_and_disjoint(mnist):
     assert torch.equal(mnist.test, full.test)
 
 
+@pytest.mark.parametrize("total", [1, 7, 10, 60000])
+@pytest.mark.parametrize("examples", [None, 1, 3, 10, 70000])
+def test_spread_takes_rows_evenly_over_the_whole_split(total, examples):
+    rows = spread(total, examples)
+    m = total if examples is None else min(total, examples)
+    assert len(rows) == m and rows[0] == 0 and rows[-1] < total
+    gaps = torch.diff(torch.cat([rows, torch.tensor([total])]))  # the last gap wraps to the end of the split
+    assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1  # distinct, in order, and no stretch of the split skipped
+    assert torch.equal(spread(total, total), torch.arange(total))
+    with pytest.raises(DataError, match="examples"):
+        spread(total, 0)
+
+
+def test_a_subset_of_a_file_ordered_by_class_samples_every_class(tmp_path):
+    """Larochelle's binarized MNIST test file is ordered by digit: its first 1000 images are nearly all zeros. A
+    subset taken with ``max_examples`` (and by ``vaelab eval --examples``, through the same spread) has every class."""
+    y = torch.arange(10).repeat_interleave(30)  # 300 images, class by class
+    x = (torch.rand(300, 1, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    path = tmp_path / "ordered.npz"
+    np.savez(path, x=x.numpy(), y=y.numpy(), x_test=x.numpy(), y_test=y.numpy())
+    small = load_dataset(str(path), validation_size=0, max_examples=20, download=False)
+    assert sorted(set(small.test_labels.tolist())) == list(range(10))
+    assert torch.equal(small.test, x[spread(300, 20)]) and torch.equal(small.test_labels, y[spread(300, 20)])
+
+
 @needs_mnist
 def test_max_examples_truncates_each_split_after_splitting(mnist):
     small = load_dataset("mnist", data_dir=DATA, max_examples=100, download=False)
     assert [len(t) for t in (small.train, small.valid, small.test, small.train_labels)] == [100] * 4
-    assert torch.equal(small.train, mnist.train[:100]) and torch.equal(small.valid, mnist.valid[:100])
+    rows = spread(len(mnist.train), 100)
+    assert torch.equal(small.train, mnist.train[rows]) and torch.equal(small.train_labels, mnist.train_labels[rows])
+    assert torch.equal(small.valid, mnist.valid[spread(len(mnist.valid), 100)])
     with pytest.raises(DataError, match="max_examples"):
         load_dataset("mnist", data_dir=DATA, max_examples=0, download=False)
     with pytest.raises(DataError, match="validation_size=60000 leaves no training examples"):

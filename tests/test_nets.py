@@ -22,6 +22,7 @@ from vaelab.nets import (
     MLP,
     ConvDecoder,
     ConvEncoder,
+    Gated,
     conv_pair,
     init_decoder_bias,
     iwae_1layer_pair,
@@ -29,12 +30,13 @@ from vaelab.nets import (
     mlp_pair,
 )
 from vaelab.priors import StandardNormal
-from vaelab.tolerance import reduction_error_bound
+from vaelab.tolerance import reduction_error_bound, rounding_gamma
 
 # (architecture, data_shape, latent_dim, options): every builder, on every shape family it serves.
 CASES = [
     ("mlp", (784,), 4, {"hidden": (16, 8)}),
     ("mlp", (3, 8, 8), 3, {"hidden": (16,), "activation": "gelu"}),
+    ("mlp", (784,), 4, {"hidden": (16, 8), "activation": "gated"}),
     ("iwae-1layer", (1, 28, 28), 50, {}),
     ("conv", (1, 28, 28), 4, {"base_channels": 4}),
     ("conv", (3, 32, 32), 4, {"base_channels": 4}),
@@ -76,6 +78,29 @@ def test_mlp_flattens_input_and_uses_activation(activation):
     out = net(x)
     assert out.shape == (4, 3)
     torch.testing.assert_close(out, net(x.reshape(4, 12)))
+
+
+def test_gated_mlp_is_the_vampprior_papers_gated_unit():
+    """Each hidden layer of a gated MLP computes (W x + c) * sigmoid(V x + d) from one Linear's two halves (float64;
+    the two sides share the affine map and differ only in how sigmoid and the product round), with twice a plain
+    layer's parameters."""
+    torch.manual_seed(0)
+    net = MLP(12, (5, 7), 3, "gated").double()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    h = x
+    # sigmoid (exp, add, divide) and one product on each side, each within an ulp or so: 8 roundings is generous
+    rtol = 2 * rounding_gamma(8, torch.float64)
+    for layer in net.body:
+        assert type(layer) is Gated
+        a = nn.functional.linear(h, layer.linear.weight, layer.linear.bias)
+        n = a.shape[1] // 2
+        got = layer(h)
+        torch.testing.assert_close(got, a[:, :n] * torch.sigmoid(a[:, n:]), rtol=rtol, atol=0)
+        h = got
+    assert torch.equal(net(x), net.output_layer(h))
+    assert _count(net) == 2 * _linear_params(12, 5) + 2 * _linear_params(5, 7) + _linear_params(7, 3)
+    with pytest.raises(ValueError, match=r"unknown activation 'glu'.*'gated'"):
+        MLP(12, (5,), 3, "glu")
 
 
 def test_mlp_output_shape_and_no_hidden_layers():

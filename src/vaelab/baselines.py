@@ -143,13 +143,14 @@ def ladder_data(
 ) -> LadderData:
     """:class:`LadderData` from :class:`vaelab.data.Splits`: binary data as they are, 8-bit grey data either
     dequantized (``space="dequantized"``) or binarized by :func:`vaelab.data.binarize_fixed` with ``seed`` (the fixed
-    binarization of ``vaelab eval``); the first ``examples`` test and ``valid_examples`` validation images."""
-    from vaelab.data import as_float, binarize_fixed
+    binarization of ``vaelab eval``); ``examples`` test and ``valid_examples`` validation images spread evenly over
+    their splits (:func:`vaelab.data.spread`, as ``vaelab eval --examples`` takes them)."""
+    from vaelab.data import as_float, binarize_fixed, spread
 
     if space not in SPACES:
         raise ValueError(f"unknown space {space!r}; choose from {', '.join(SPACES)}")
-    test = splits.test if examples is None else splits.test[:examples]
-    valid = splits.valid if valid_examples is None else splits.valid[:valid_examples]
+    test = splits.test[spread(len(splits.test), examples)]
+    valid = splits.valid[spread(len(splits.valid), valid_examples)]
     if len(test) == 0 or len(valid) == 0 or len(splits.train) == 0:
         raise ValueError(f"{splits.name}: the ladder needs train, validation and test examples")
     parts = (splits.train, valid, test)
@@ -166,7 +167,8 @@ def ladder_data(
         how = f"binarized with seed {seed}"
     train, valid, test = (x.reshape(len(x), -1) for x in values)
     binarized = seed if space == BINARY and not splits.binary else None
-    split = f"{splits.name} test[:{len(test)}], {how}"
+    rows = "" if len(test) == len(splits.test) else f" ({len(test)} of {len(splits.test)}, spread evenly)"
+    split = f"{splits.name} test{rows}, {how}"
     return LadderData(train, valid, test, space, split, splits.data_shape, binarized)
 
 

@@ -291,26 +291,28 @@ def _check_labels_for(config, splits) -> None:
 
 
 # --- eval / sample / reconstruct ------------------------------------------------------------------------------------
-def _load(run_dir: str):
+def _load(run_dir: str, which: str = "final"):
     from vaelab.checkpoint import CheckpointError
     from vaelab.train import load_run, resolve_device
 
     try:
-        return load_run(run_dir, device=resolve_device("auto"))
+        return load_run(run_dir, which=which, device=resolve_device("auto"))
     except CheckpointError as err:
         raise UserError(str(err)) from err
 
 
 def _eval_data(run, split: str, examples: int | None, seed: int):
-    """The first ``examples`` of a split (all: None) as the run evaluates them, on the model's device, and the
-    context a model that asks for it is given there (``{"y": labels}``; None for other models)."""
-    from vaelab.data import as_float, binarize_fixed
+    """``examples`` images of a split spread evenly over it (:func:`vaelab.data.spread`; all: None) as the run
+    evaluates them, on the model's device, and the context a model that asks for it is given there
+    (``{"y": labels}``; None for other models)."""
+    from vaelab.data import as_float, binarize_fixed, spread
 
     splits = _load_splits(run.config, run.run_dir)
     data = {"train": splits.train, "valid": splits.valid, "test": splits.test}[split]
     if len(data) == 0:
         raise UserError(f"the {split} split of {splits.name} is empty")
-    data = as_float(data if examples is None else data[:examples])
+    rows = spread(len(data), examples)
+    data = as_float(data[rows])
     if run.config.binarizes and not splits.binary:
         data = binarize_fixed(data, seed=seed)  # the fixed-seed binarization of the evaluation protocol
     device = next(run.model.parameters()).device
@@ -321,7 +323,7 @@ def _eval_data(run, split: str, examples: int | None, seed: int):
         if asks != ("y",) or labels is None:
             what = "labels" if asks == ("y",) else ", ".join(asks)
             raise UserError(f"{run.run_dir}: the model is given {what}, which the {split} split of {splits.name} lacks")
-        context = {"y": labels[: len(data)].to(device)}
+        context = {"y": labels[rows].to(device)}
     return data.to(device), context
 
 
@@ -331,7 +333,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vaelab.report import as_json
 
     _check_at_least_one(args, "k", "examples", "diagnostics_examples", "batch_size", "classify_k")
-    run = _load(args.run_dir)
+    run = _load(args.run_dir, args.checkpoint)
     x, context = _eval_data(run, args.split, args.examples, args.seed)
     torch_seed(args.seed)
     progress = not args.no_progress
@@ -365,13 +367,14 @@ CLASSIFY_K = 10  # importance samples per class for a generative classifier's p(
 
 def _classification(run, x, split: str, *, progress: bool, **classify_options) -> dict:
     """``{"classification": classification_metrics(...)}`` of a model that predicts labels (has ``classify``) on the
-    first ``len(x)`` examples of ``split``; ``{}`` for other models.
+    ``len(x)`` examples of ``split`` that :func:`_eval_data` took; ``{}`` for other models.
 
     A model of p(x|y) (``context = ("y",)``, e.g. a cvae) classifies by Bayes' rule from log p(x, y=c) for every c
     (:func:`vaelab.conditional.generative_log_probs`, IWAE with ``k`` = ``classify_options["k"]``, default
     :data:`CLASSIFY_K`, samples per class); the same numbers give ``"marginal"``: log p(x) = logsumexp_c, log p(x|y)
     of the true label and their difference, the nats the label carries (each summarized over examples). A
     semi-supervised model (m2) classifies with its own q(y|x) and gives ``"marginal"`` from its ``generative`` part."""
+    from vaelab.data import spread
     from vaelab.evaluate import class_log_probs, classification_metrics
 
     if not callable(getattr(run.model, "classify", None)):
@@ -380,7 +383,7 @@ def _classification(run, x, split: str, *, progress: bool, **classify_options) -
     labels = getattr(splits, f"{split}_labels")
     if labels is None:
         raise UserError(f"{run.run_dir}: the model predicts labels, which the {split} split of {splits.name} lacks")
-    labels = labels[: len(x)]
+    labels = labels[spread(len(labels), len(x))]  # the rows _eval_data took
     k = classify_options.get("k", CLASSIFY_K)
     batch_size = classify_options.get("batch_size", 100)
     if tuple(getattr(run.model, "context", ())) != ("y",):
@@ -489,6 +492,14 @@ def _add_eval(sub) -> None:
     p.add_argument("run_dir", help="a run directory written by vaelab train")
     _add_estimation_flags(p, k=5000, examples=None, json_help="(default: RUN_DIR/eval_SPLIT.json)")
     p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="(default: %(default)s)")
+    p.add_argument(
+        "--checkpoint",
+        choices=("final", "best", "latest"),
+        default="final",
+        help="the weights to score: final (model.safetensors, or the latest checkpoint before it exists), best (the "
+        "checkpoint with the best validation ELBO, kept when training validated: --eval-every; early stopping) or "
+        "latest (default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=100, help="(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_diagnostics_examples_flag(p)
@@ -527,7 +538,12 @@ def _add_estimation_flags(p, *, k: int, examples: int | None, json_help: str) ->
     """The flags of every command that estimates log p(x) (eval, report, compare)."""
     p.add_argument("--k", type=int, default=k, help="importance samples for log p(x) (default: %(default)s)")
     shown = "all" if examples is None else "%(default)s"
-    p.add_argument("--examples", type=int, default=examples, help=f"evaluate the first N examples (default: {shown})")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=examples,
+        help=f"evaluate N examples spread evenly over the split (default: {shown})",
+    )
     p.add_argument("--seed", type=int, default=0, help="binarization and sampling seed (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", default=None, help=json_help)
     p.add_argument(
@@ -849,9 +865,12 @@ def _add_baselines(sub) -> None:
         help="training images held out for validation where the data set has no fixed split, as in vaelab train "
         "(default: %(default)s)",
     )
-    p.add_argument("--examples", type=int, default=1000, help="first N test images (default: %(default)s)")
+    p.add_argument("--examples", type=int, default=1000, help="N test images, spread evenly (default: %(default)s)")
     p.add_argument(
-        "--valid-examples", type=int, default=1000, help="first N validation images to tune on (default: %(default)s)"
+        "--valid-examples",
+        type=int,
+        default=1000,
+        help="N validation images (spread evenly) to tune on (default: %(default)s)",
     )
     p.add_argument(
         "--train-examples",

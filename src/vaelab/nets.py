@@ -70,8 +70,21 @@ def _check_size(value: int, name: str) -> int:
 
 
 # --- networks -----------------------------------------------------------------------------------------------
+class Gated(nn.Module):
+    """A gated linear layer (Dauphin et al., 2017; the MLPs of Tomczak & Welling's VampPrior paper): one
+    ``Linear(in, 2 h)`` whose halves a, b give ``a * sigmoid(b)``, i.e. (W x + c) * sigmoid(V x + d)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, 2 * out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.glu(self.linear(x), dim=-1)
+
+
 class MLP(nn.Module):
-    """A fully connected network: ``Linear -> activation`` for each hidden width, then a final ``Linear``.
+    """A fully connected network: ``Linear -> activation`` for each hidden width (``Gated`` for the activation
+    ``"gated"``), then a final ``Linear``.
 
     The input is flattened from dim 1 (``[B, *shape] -> [B, prod(shape)]``); the output is
     ``[B, out_features]``, or ``[B, *out_features]`` when ``out_features`` is a shape. Nothing follows
@@ -81,7 +94,7 @@ class MLP(nn.Module):
         in_features: size of one flattened input example.
         hidden: widths of the hidden layers (may be empty: then the MLP is one affine map).
         out_features: an int, or a shape to reshape each output example to (e.g. a decoder's ``data_shape``).
-        activation: a key of :data:`ACTIVATIONS`.
+        activation: a key of :data:`ACTIVATIONS`, or ``"gated"``: each hidden layer a :class:`Gated` unit.
     """
 
     def __init__(
@@ -96,10 +109,12 @@ class MLP(nn.Module):
         hidden = [_check_size(h, "each hidden width") for h in hidden]
         self.out_shape = torch.Size([out_features] if isinstance(out_features, int) else out_features)
         _check_data_shape(self.out_shape)
+        if activation != "gated" and activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted([*ACTIVATIONS, 'gated'])}")
         layers: list[nn.Module] = []
         width = self.in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), _activation(activation)]
+            layers += [Gated(width, h)] if activation == "gated" else [nn.Linear(width, h), _activation(activation)]
             width = h
         self.body = nn.Sequential(*layers)
         self.output_layer = nn.Linear(width, self.out_shape.numel())
