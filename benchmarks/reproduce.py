@@ -69,13 +69,26 @@ def _burda(layers: int, objective: str, k: int, published: float, budget: int) -
     return Row(BURDA, published, 3280, budget, flags)
 
 
-def _rainforth(objective: str, options: dict, k: int, published: float, pythae: str, card: str) -> Row:
+RAINFORTH_NOTES = (
+    "pythae's reproduction scripts (github.com/clementchadebec/benchmark_VAE, examples/scripts/reproducibility, read "
+    "2026-12-07) train Burda et al.'s 1-layer MLP on dynamically binarized MNIST with batch 20 for 3280 epochs, Adam "
+    "1e-3 with eps 1e-4 and step decays of 10^(-1/7), and score with 5000 importance samples; the paper's own text "
+    "was not read here."
+)
+
+
+def _rainforth(objective: str, options: dict, k: int, published: float, pythae: str, card: str, notes: str) -> Row:
     flags = ("--preset", "iwae-1layer", "--dataset", "mnist", "--lr-decay", "cosine", "--compile")
     flags += ("--objective", objective, "--objective-options", json.dumps(options), "--k", str(k))
     peer = f"pythae {pythae} (its model card clementchadebec/reproduced_{card}, NLL with 5000 IS)"
-    return Row(RAINFORTH, published, None, 300, flags, peer=peer)
+    return Row(RAINFORTH, published, 3280, 300, flags, peer=peer, notes=f"{RAINFORTH_NOTES} {notes}".strip())
 
 
+VAMP_PYTHAE = (
+    "pythae's reproduction (examples/scripts/reproducibility/vamp.py, read 2026-12-07): gated MLPs 2 x 300, 40 "
+    "latents, the scale's log clipped to [-6, 2], static binarized MNIST, batch 100, RMSprop 1e-4 with step decays "
+    "10^(-1/5) at epochs 200, 350, 500, 750 and 1000, 2000 epochs, KL warm-up over 100 epochs."
+)
 VAMP_FLAGS = ("--preset", "iwae-1layer", "--dataset", "binarized-mnist", "--prior", "vamp", "--lr-decay", "cosine")
 VAMP_FLAGS += ("--compile",)  # VampPrior compiles with no graph break (tests/test_train.py), 0.22x a plain VAE's speed
 
@@ -103,6 +116,7 @@ ROWS: dict[str, Row] = {
         1000,  # ~4.7 s an epoch compiled on 2 cores (50,000 images): ~80 min
         VAMP_FLAGS,
         peer="pythae 85.79 (its model card clementchadebec/reproduced_vamp, NLL with 5000 IS)",
+        notes=VAMP_PYTHAE,
         train_images=50_000,
         protocol="static binarization (Larochelle's 50,000 / 10,000 / 10,000), batch 100, Adam 1e-3 with cosine "
         "decay over a fixed budget, no KL warm-up, pseudo-inputs started at training images, the iwae-1layer MLP "
@@ -118,6 +132,7 @@ ROWS: dict[str, Row] = {
         500,
         VAMP_GATED_FLAGS,
         peer="pythae 85.79 (its model card clementchadebec/reproduced_vamp, NLL with 5000 IS)",
+        notes=VAMP_PYTHAE,
         train_images=50_000,
         weights="best",
         protocol="the authors' code's protocol (github.com/jmtomczak/vae_vampprior, experiment.py): gated MLPs "
@@ -126,9 +141,19 @@ ROWS: dict[str, Row] = {
         "(theirs: AdamNormGrad), pseudo-inputs started at training images (theirs: near 0.05, clipped to [0, 1]), "
         "the scale's log not clipped to [-6, 2], and a fixed budget rather than a 50-epoch look-ahead",
     ),
-    "miwae-m8-k8": _rainforth("miwae", {"m": 8}, 8, -84.97, "85.09", "miwae"),
-    "piwae-m8-k8": _rainforth("piwae", {"m": 8}, 8, -84.46, "84.58", "piwae"),
-    "ciwae-b0.05": _rainforth("ciwae", {"elbo_weight": 0.05}, 64, -84.57, "84.74", "ciwae"),
+    "miwae-m8-k8": _rainforth("miwae", {"m": 8}, 8, -84.97, "85.09", "miwae", ""),
+    "piwae-m8-k8": _rainforth("piwae", {"m": 8}, 8, -84.46, "84.58", "piwae", ""),
+    "ciwae-b0.05": _rainforth(
+        "ciwae",
+        {"elbo_weight": 0.05},
+        64,
+        -84.57,
+        "84.74",
+        "ciwae",
+        "The CIWAE weight is uncertain: pythae's ciwae.py and its config say beta = 0.5, the model it uploaded says "
+        "0.05; -84.57 was not found in a copy of the paper's table, where a secondary source (madhubabuv/TightIWAE's "
+        "README) lists CIWAE beta = 0.5 at -85.24.",
+    ),
 }
 
 
