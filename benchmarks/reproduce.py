@@ -280,10 +280,45 @@ def run_row(name: str, row: Row, args, previous: dict) -> dict:
     }
 
 
+def _num(x: float, spec: str = ".2f") -> str:
+    return f"{x:{spec}}".replace("-", "\u2212")  # a typographic minus, as the README writes numbers
+
+
+def _minutes(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds / 60:.0f} min"
+
+
+def markdown_table(results: dict) -> str:
+    """Every row of :data:`ROWS` as a Markdown table (the README's): published against vaelab's number where the
+    row has run (``results``: reproduce.json's contents), with its epochs, wall times, curve slope and re-score."""
+    lines = [
+        "| row | published | vaelab: test log p(x), k = 5000 | epochs (paper's) | training / eval | gap, curve slope "
+        "| re-score |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in ROWS.items():
+        r = results.get("rows", {}).get(name)
+        head = f"| `{name}` | {_num(row.published)} |"
+        paper = row.paper_epochs or "?"
+        if r is None:
+            lines.append(f"{head} not run yet | budget {row.budget_epochs} ({paper}) | — | — | — |")
+            continue
+        chosen = f", weights of epoch {r['selected_epoch']:.0f}" if r.get("selected_epoch") is not None else ""
+        slope = r.get("slope_nats_per_100_epochs")
+        trend = "—" if slope is None else f"{_num(slope, '+.2f')} nats / 100 epochs"
+        lines.append(
+            f"{head} **{_num(r['log_px'])} ± {r['sem']:.2f}** (ELBO {_num(r['elbo'])}, {r['active_units']} active "
+            f"units) | {r['epochs']}{chosen} ({paper}) | {_minutes(r['train_seconds'])} / "
+            f"{_minutes(r['eval_seconds'])} | {_num(r['gap_to_published'], '+.2f')}, {trend} | `{r['rescore']}` |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=["burda-1l-vae-k1"])
     p.add_argument("--list", action="store_true", help="print the table of published settings and exit")
+    p.add_argument("--table", action="store_true", help="print the README's Markdown table of every row and exit")
     p.add_argument("--epochs", type=int, default=None, help="override every row's budget")
     p.add_argument("--work", type=Path, default=Path("runs/reproduce"), help="run directories (default: %(default)s)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
@@ -299,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"budget {row.budget_epochs:>5}  {row.source}")  # fmt: skip
         return 0
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
+    if args.table:
+        print(markdown_table(results))
+        return 0
     for name in args.rows:
         results["rows"][name] = run_row(name, ROWS[name], args, results["rows"].get(name, {}))
         results.update(command=command_line("reproduce.py", argv), commit=vaelab_commit())
