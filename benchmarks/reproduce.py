@@ -160,19 +160,30 @@ ROWS: dict[str, Row] = {
 def learning_curve(run: Path, *, per_epoch: int, k: int, examples: int, seed: int = 0) -> list[dict]:
     """Test log p(x) (k importance samples, ``examples`` test images spread over the set, the fixed binarization of
     vaelab eval) at every step checkpoint the run kept (``per_epoch`` steps an epoch):
-    ``[{"epoch", "step", "log_px", "sem"}]``."""
+    ``[{"epoch", "step", "log_px", "sem"}]``. Each point is kept in ``run/curve.json`` with what it was computed
+    from, so a rerun that only refreshes a row's record scores no checkpoint twice."""
     import torch
 
+    from vaelab import keep_freed_memory
     from vaelab.cli import _eval_data
     from vaelab.config import build_model
     from vaelab.estimators import log_marginal
     from vaelab.evaluate import summarize
     from vaelab.runs import load_run, load_run_checkpoint
 
+    cache = run / "curve.json"
+    how = {"k": k, "examples": examples, "seed": seed, "subset": "spread"}  # vaelab.data.spread's test images
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    known = {c["step"]: c for c in saved.get("points", [])} if saved.get("how") == how else {}
+    keep_freed_memory()  # as the command line does: eager log p(x) otherwise spends its time in page faults
     base = load_run(run)
     x, _ = _eval_data(base, "test", examples, seed)
     curve = []
     for directory in sorted((run / "checkpoints").glob("step_*")):
+        step = int(directory.name.removeprefix("step_"))
+        if step in known:
+            curve.append(known[step])
+            continue
         weights, _, meta = load_run_checkpoint(directory)
         model = build_model(base.config, meta["data_shape"])
         model.load_state_dict(weights)
@@ -182,6 +193,7 @@ def learning_curve(run: Path, *, per_epoch: int, k: int, examples: int, seed: in
             values = torch.cat([log_marginal(model, b, k=k).value for b in x.split(100)])
         s = summarize(values)
         curve.append({"epoch": meta["step"] / per_epoch, "step": meta["step"], "log_px": s["mean"], "sem": s["sem"]})
+        cache.write_text(json.dumps({"how": how, "points": curve}))
     return curve
 
 
