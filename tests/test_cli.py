@@ -515,12 +515,24 @@ def test_a_finished_or_failed_train_leaves_no_lock_file(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc to see torch being loaded")
 def test_ctrl_c_while_torch_is_imported_exits_130_without_a_traceback():
-    # importing torch takes seconds (~1.8 s here): a SIGINT 0.4 s after the start comes in the middle of it
+    # importing torch takes seconds (~1.8 s here). The SIGINT goes once torch's C++ library is mapped into the
+    # process, i.e. in the middle of that import: a fixed delay (0.4 s, as before) came before the command line was
+    # even running on a loaded machine, and Python's own startup died of it (status -2). The child gets SIGINT's
+    # default disposition: under a shell's background job (`cmd &`) the tests inherit SIGINT ignored, and a Python
+    # started so never turns SIGINT into KeyboardInterrupt (the command then ran to the end: status 0).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vaelab", "train", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "vaelab", "train", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    time.sleep(0.4)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "vaelab: interrupted\n", err[-3000:]
