@@ -8,6 +8,8 @@ object with batch shape ``[]`` and event shape ``[d]``; it broadcasts against la
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
@@ -21,11 +23,48 @@ def _check_latent_dim(latent_dim: int) -> int:
     return latent_dim
 
 
+def _is_diagonal_gaussian(dist: Distribution) -> bool:
+    """Is ``dist`` ``Independent(Normal, 1)`` (a diagonal Gaussian over the last dimension)?"""
+    return type(dist) is Independent and type(dist.base_dist) is Normal and dist.reinterpreted_batch_ndims == 1
+
+
 def _check_min_scale(min_scale: float, what: str) -> float:
     """The floor of a learned scale that starts at 1 (scale = softplus(raw) + floor): in (0, 1)."""
     if not 0 < min_scale < 1:
         raise ValueError(f"min_scale must be in (0, 1) ({what} at scale 1), got {min_scale}")
     return min_scale
+
+
+class DiagonalGaussianMixture(MixtureSameFamily):
+    """sum_c pi_c N(z; mu_c, diag(sigma_c^2)) (batch ``[]``, event ``[d]``): torch's ``MixtureSameFamily`` of
+    ``Independent(Normal, 1)`` components, with ``log_prob`` as matrix products.
+
+    torch's ``log_prob`` broadcasts z ``[N, d]`` against every component, building several ``[N, C, d]`` tensors;
+    with a VampPrior's C = 500 components and the 5000 samples of an evaluation that is most of the time spent.
+    Here the quadratic form is expanded, sum_j (z_j - mu_cj)^2 / sigma_cj^2 = z^2 @ P.T - 2 z @ (mu P).T + sum_j
+    mu_cj^2 P_cj with P = sigma^-2, so the only ``[N, C]`` work is two products. The expansion cancels where
+    |z| and |mu| are large against sigma (float32 loses 1e-3 nats on a trained VampPrior's components), so it is
+    computed in float64 (at least) and returned in the inputs' dtype: within one rounding of the exact value.
+    """
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor):
+        if loc.dim() != 2:
+            raise ValueError(f"loc must be [components, d], got shape {tuple(loc.shape)}")
+        gaussians = Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)  # batch [C]
+        super().__init__(Categorical(logits=logits, validate_args=False), gaussians, validate_args=False)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        normal = self.component_distribution.base_dist
+        out_dtype = torch.promote_types(z.dtype, normal.loc.dtype)
+        wide = torch.promote_types(out_dtype, torch.float64)
+        loc, scale = normal.loc.to(wide), normal.scale.to(wide)  # [C, d]
+        precision = scale.pow(-2)
+        flat = z.reshape(-1, z.shape[-1]).to(wide)  # [N, d]
+        quad = flat.pow(2) @ precision.T - 2 * (flat @ (loc * precision).T) + (loc.pow(2) * precision).sum(-1)
+        log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)  # [C]
+        log_weights = torch.log_softmax(self.mixture_distribution.logits.to(wide), -1)
+        out = torch.logsumexp(log_weights - log_norm - 0.5 * quad, dim=-1)
+        return out.reshape(z.shape[:-1]).to(out_dtype)
 
 
 class StandardNormal(nn.Module):
@@ -97,9 +136,7 @@ class MixtureOfGaussians(nn.Module):
 
     def forward(self) -> Distribution:
         scale = positive_scale(self.raw_scale, self.min_scale)  # (C, d)
-        gaussians = Independent(Normal(self.loc, scale, validate_args=False), 1, validate_args=False)  # batch [C]
-        weights = Categorical(logits=self.logits, validate_args=False)
-        return MixtureSameFamily(weights, gaussians, validate_args=False)  # batch [], event [d]
+        return DiagonalGaussianMixture(self.logits, self.loc, scale)  # batch [], event [d]
 
 
 class VampPrior(nn.Module):
@@ -173,7 +210,10 @@ class VampPrior(nn.Module):
                 "the VampPrior has no encoder: it is a prior of a model with an encoder (a VAE attaches itself)"
             )
         components = self._encode(self.pseudo_inputs)  # batch [K], event [d]
-        weights = Categorical(logits=self.pseudo_inputs.new_zeros(self.components), validate_args=False)
+        logits = self.pseudo_inputs.new_zeros(self.components)
+        if _is_diagonal_gaussian(components):
+            return DiagonalGaussianMixture(logits, components.base_dist.loc, components.base_dist.scale)
+        weights = Categorical(logits=logits, validate_args=False)
         return MixtureSameFamily(weights, components, validate_args=False)  # batch [], event [d]
 
 
