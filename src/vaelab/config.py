@@ -80,7 +80,7 @@ class TrainConfig:
     log_every: int = 50  # steps between train metric lines
     eval_every: int | None = None  # steps between validation passes; None: once per epoch
     eval_k: int = 100  # importance samples for the validation IWAE bound
-    eval_examples: int | None = 1000  # validation examples evaluated each time (None: all)
+    eval_examples: int | None = 1000  # validation examples evaluated each time, spread over the split (None: all)
     checkpoint_every: int | None = None  # steps between checkpoints; None: once per epoch
     keep_last: int = 3  # step checkpoints kept (plus 'best')
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...

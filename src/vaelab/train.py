@@ -63,6 +63,7 @@ from vaelab.data import (
     binarize_with_bits,
     mean_example,
     partly_labelled,
+    spread,
 )
 from vaelab.distributed import all_ranks, init_distributed, mean_over_ranks
 from vaelab.estimators import ElboForm, check_values, data_support, elbo_parts, log_marginal, trusted_data
@@ -421,8 +422,9 @@ class Trainer:
         data = self.valid_data if data is None else aligned_fields(data, "data", self.device)
         if data is None:
             return {}
-        n = len(data["x"]) if self.config.eval_examples is None else min(len(data["x"]), self.config.eval_examples)
-        data = {key: data[key][:n].to(self.device) for key in self.fields}
+        rows = spread(len(data["x"]), self.config.eval_examples).to(self.device)  # the whole split: files are ordered
+        n = len(rows)
+        data = {key: data[key].index_select(0, rows).to(self.device) for key in self.fields}
         data["x"] = as_float(data["x"])
         if self.config.binarizes:  # one fixed binarization of the evaluation set, the same at every evaluation
             data["x"] = binarize_fixed(data["x"], seed=self.config.seed + 7919)
