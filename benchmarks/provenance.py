@@ -37,9 +37,12 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
 
 def write_results(path: Path, results: dict) -> None:
-    """``results`` as indented JSON at ``path``, its folder created if needed."""
+    """``results`` as indented JSON at ``path``, its folder created if needed; written whole or not at all (a
+    temporary file renamed over it), so that a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(results, indent=2))
+    os.replace(partial, path)
 
 
 def vaelab(*args) -> float:

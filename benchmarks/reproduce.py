@@ -345,12 +345,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<18} published {row.published:8.2f}  paper epochs {row.paper_epochs or '?':>5}  "
                   f"budget {row.budget_epochs:>5}  {row.source}")  # fmt: skip
         return 0
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
+
+    def read() -> dict:
+        return json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
+
+    results = read()
     if args.table:
         print(markdown_table(results))
         return 0
     for name in args.rows:
-        results["rows"][name] = run_row(name, ROWS[name], args, results["rows"].get(name, {}))
+        row = run_row(name, ROWS[name], args, results["rows"].get(name, {}))
+        results = read()  # again: a sitting of another row may have written its own since (they run for hours)
+        results["rows"][name] = row
         results.update(command=command_line("reproduce.py", argv), commit=vaelab_commit())
         write_results(args.out, results)  # after each row: a crash keeps what is done
         r = results["rows"][name]
