@@ -15,17 +15,13 @@ from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
 from vaelab._math import inverse_softplus, positive_scale
+from vaelab.posteriors import is_factorised_gaussian
 
 
 def _check_latent_dim(latent_dim: int) -> int:
     if latent_dim < 1:
         raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
     return latent_dim
-
-
-def _is_diagonal_gaussian(dist: Distribution) -> bool:
-    """Is ``dist`` ``Independent(Normal, 1)`` (a diagonal Gaussian over the last dimension)?"""
-    return type(dist) is Independent and type(dist.base_dist) is Normal and dist.reinterpreted_batch_ndims == 1
 
 
 def _check_min_scale(min_scale: float, what: str) -> float:
@@ -211,7 +207,7 @@ class VampPrior(nn.Module):
             )
         components = self._encode(self.pseudo_inputs)  # batch [K], event [d]
         logits = self.pseudo_inputs.new_zeros(self.components)
-        if _is_diagonal_gaussian(components):
+        if is_factorised_gaussian(components):
             return DiagonalGaussianMixture(logits, components.base_dist.loc, components.base_dist.scale)
         weights = Categorical(logits=logits, validate_args=False)
         return MixtureSameFamily(weights, components, validate_args=False)  # batch [], event [d]
