@@ -177,7 +177,7 @@ def learning_curve(run: Path, *, per_epoch: int, k: int, examples: int, seed: in
     known = {c["step"]: c for c in saved.get("points", [])} if saved.get("how") == how else {}
     keep_freed_memory()  # as the command line does: eager log p(x) otherwise spends its time in page faults
     base = load_run(run)
-    x, _ = _eval_data(base, "test", examples, seed)
+    x = _eval_data(base, "test", examples, seed).x
     curve = []
     for directory in sorted((run / "checkpoints").glob("step_*")):
         step = int(directory.name.removeprefix("step_"))

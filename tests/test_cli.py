@@ -625,3 +625,25 @@ def test_eval_scores_the_checkpoint_asked_for(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", str(run), "--checkpoint", "median"])
     assert "invalid choice: 'median'" in capsys.readouterr().err
+
+
+def test_scoring_commands_take_images_and_their_labels_from_the_same_rows(tmp_path):
+    """``eval``, ``report``, ``reconstruct`` and ``compare`` take their examples from ``cli._eval_data``: with fewer
+    examples than the split, the images spread over it (:func:`vaelab.data.spread`) and the labels of those images
+    (``report`` once coloured its pictures with the split's first labels)."""
+    import numpy as np
+    import torch
+
+    from tiny import bars, tiny_run
+    from vaelab.cli import _eval_data
+    from vaelab.data import spread
+
+    x, y = bars(240, seed=1)
+    data = tmp_path / "bars.npz"
+    np.savez(data, x=x[:160].numpy(), y=y[:160].numpy(), x_test=x[200:].numpy(), y_test=y[200:].numpy())
+    run = tiny_run(tmp_path / "run", dataset=str(data), steps=2)
+    rows = spread(40, 10)
+    taken = _eval_data(run, "test", 10, seed=0)
+    assert torch.equal(taken.x.cpu(), x[200:][rows]) and torch.equal(taken.labels.cpu(), y[200:][rows])
+    assert not torch.equal(taken.labels.cpu(), y[200:210])  # the first ten differ: the test can tell the two apart
+    assert taken.context is None  # a model of x alone is given nothing

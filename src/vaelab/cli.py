@@ -13,6 +13,9 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+if typing.TYPE_CHECKING:
+    import torch
+
 
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
@@ -301,10 +304,18 @@ def _load(run_dir: str, which: str = "final"):
         raise UserError(str(err)) from err
 
 
-def _eval_data(run, split: str, examples: int | None, seed: int):
+class EvalData(typing.NamedTuple):
+    """The evaluation examples of a split as a run scores them (:func:`_eval_data`), all on the model's device."""
+
+    x: torch.Tensor  # [N, *data_shape], binarized as the run's protocol says
+    context: dict[str, torch.Tensor] | None  # {"y": labels} for a model given labels (cvae); None for other models
+    labels: torch.Tensor | None  # [N] labels of the same rows; None where the split has none
+
+
+def _eval_data(run, split: str, examples: int | None, seed: int) -> EvalData:
     """``examples`` images of a split spread evenly over it (:func:`vaelab.data.spread`; all: None) as the run
-    evaluates them, on the model's device, and the context a model that asks for it is given there
-    (``{"y": labels}``; None for other models)."""
+    evaluates them, their labels, and the context a model that asks for it is given there: every command that
+    scores, classifies or draws takes its rows here, so images and labels stay aligned."""
     from vaelab.data import as_float, binarize_fixed, spread
 
     splits = _load_splits(run.config, run.run_dir)
@@ -316,15 +327,16 @@ def _eval_data(run, split: str, examples: int | None, seed: int):
     if run.config.binarizes and not splits.binary:
         data = binarize_fixed(data, seed=seed)  # the fixed-seed binarization of the evaluation protocol
     device = next(run.model.parameters()).device
+    labels = getattr(splits, f"{split}_labels")
+    labels = None if labels is None else labels[rows].to(device)
     context = None
     asks = tuple(getattr(run.model, "context", ()))
     if asks:
-        labels = getattr(splits, f"{split}_labels")
         if asks != ("y",) or labels is None:
             what = "labels" if asks == ("y",) else ", ".join(asks)
             raise UserError(f"{run.run_dir}: the model is given {what}, which the {split} split of {splits.name} lacks")
-        context = {"y": labels[rows].to(device)}
-    return data.to(device), context
+        context = {"y": labels}
+    return EvalData(data.to(device), context, labels)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -334,7 +346,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _check_at_least_one(args, "k", "examples", "diagnostics_examples", "batch_size", "classify_k")
     run = _load(args.run_dir, args.checkpoint)
-    x, context = _eval_data(run, args.split, args.examples, args.seed)
+    x, context, labels = _eval_data(run, args.split, args.examples, args.seed)
     torch_seed(args.seed)
     progress = not args.no_progress
     options = dict(k=args.k, batch_size=args.batch_size, progress=progress, compile=args.compile, context=context)
@@ -345,7 +357,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         else:
             result = as_json(diagnostics(run.model, x, examples=args.diagnostics_examples, **options))
         result.update(_baselines(run, x))
-    result.update(_classification(run, x, args.split, progress=progress, k=args.classify_k))
+    result.update(_classification(run, x, labels, args.split, progress=progress, k=args.classify_k))
     result.update(run_dir=str(args.run_dir), split=args.split, weights=str(run.weights), seed=args.seed)
     if context is not None:
         result["given"] = sorted(context)
@@ -365,25 +377,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 CLASSIFY_K = 10  # importance samples per class for a generative classifier's p(x|y=c) (eval --classify-k)
 
 
-def _classification(run, x, split: str, *, progress: bool, **classify_options) -> dict:
+def _classification(run, x, labels, split: str, *, progress: bool, **classify_options) -> dict:
     """``{"classification": classification_metrics(...)}`` of a model that predicts labels (has ``classify``) on the
-    ``len(x)`` examples of ``split`` that :func:`_eval_data` took; ``{}`` for other models.
+    examples ``x`` of ``split`` and their ``labels`` (both from :func:`_eval_data`); ``{}`` for other models.
 
     A model of p(x|y) (``context = ("y",)``, e.g. a cvae) classifies by Bayes' rule from log p(x, y=c) for every c
     (:func:`vaelab.conditional.generative_log_probs`, IWAE with ``k`` = ``classify_options["k"]``, default
     :data:`CLASSIFY_K`, samples per class); the same numbers give ``"marginal"``: log p(x) = logsumexp_c, log p(x|y)
     of the true label and their difference, the nats the label carries (each summarized over examples). A
     semi-supervised model (m2) classifies with its own q(y|x) and gives ``"marginal"`` from its ``generative`` part."""
-    from vaelab.data import spread
     from vaelab.evaluate import class_log_probs, classification_metrics
 
     if not callable(getattr(run.model, "classify", None)):
         return {}
-    splits = _load_splits(run.config, run.run_dir)
-    labels = getattr(splits, f"{split}_labels")
     if labels is None:
-        raise UserError(f"{run.run_dir}: the model predicts labels, which the {split} split of {splits.name} lacks")
-    labels = labels[spread(len(labels), len(x))]  # the rows _eval_data took
+        raise UserError(
+            f"{run.run_dir}: the model predicts labels, which the {split} split of {run.config.dataset} lacks"
+        )
     k = classify_options.get("k", CLASSIFY_K)
     batch_size = classify_options.get("batch_size", 100)
     if tuple(getattr(run.model, "context", ())) != ("y",):
@@ -609,7 +619,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     run = _load(args.run_dir)
     if not is_latent_model(run.model):
         raise UserError(f"{args.run_dir} ({run.config.model}) has no encoder of x alone to reconstruct with")
-    x, context = _eval_data(run, "test", args.n, args.seed)
+    x, context, _ = _eval_data(run, "test", args.n, args.seed)
     out = args.out or str(Path(args.run_dir) / "reconstructions.png")
     save_grid(out, reconstruction_pairs(bind(run.model, context), x), x.shape[1:], ncol=len(x))
     print(f"{len(x)} test images (top row) and their reconstructions (bottom row) written to {out}")
@@ -650,9 +660,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     _check_at_least_one(args, "k", "examples", "diagnostics_examples", "classify_k")
     run = _load(args.run_dir)
     run_dir = Path(args.run_dir)
-    x, context = _eval_data(run, "test", args.examples, args.seed)
-    labels = _load_splits(run.config, run_dir).test_labels
-    labels = None if labels is None else labels[: len(x)]
+    x, context, labels = _eval_data(run, "test", args.examples, args.seed)
     torch_seed(args.seed)
     progress = not args.no_progress
     found, result = None, {}
@@ -663,7 +671,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         )  # fmt: skip
         result = as_json(found)
         result.update(_baselines(run, x))
-    result.update(_classification(run, x, "test", progress=progress, k=args.classify_k))
+    result.update(_classification(run, x, labels, "test", progress=progress, k=args.classify_k))
     result.update(run_dir=str(run_dir), split="test", weights=str(run.weights), seed=args.seed)
     if context is not None:
         result["given"] = sorted(context)
@@ -714,7 +722,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     runs = []
     for run_dir in args.run_dirs:
         run = _load(run_dir)
-        runs.append((str(run_dir), run, *_eval_data(run, "test", args.examples, args.seed)))
+        runs.append((str(run_dir), run, *_eval_data(run, "test", args.examples, args.seed)[:2]))
     torch_seed(args.seed)
     rows = compare_latent_usage(runs, k=args.k, compile=args.compile)
     by_name = {name: (run, x) for name, run, x, _ in runs}
