@@ -257,6 +257,8 @@ def run_row(name: str, row: Row, args, previous: dict) -> dict:
         eval_cmd += ["--examples", args.eval_examples]
     eval_seconds = vaelab(*eval_cmd) if not evaluation.is_file() else previous.get("eval_seconds")
     result = json.loads(evaluation.read_text())
+    if eval_seconds is None:  # scored by a sitting that stopped before it recorded the time: eval's own record
+        eval_seconds = result.get("seconds")
     lp = result["log_px"]
     curve = learning_curve(run, per_epoch=per_epoch, k=args.curve_k, examples=args.curve_examples)
     final = {"epochs": epochs, "log_px": lp["mean"], "sem": lp["sem"], "k": lp["k"]}

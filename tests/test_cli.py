@@ -97,7 +97,7 @@ def test_train_interrupt_resume_eval_sample(tmp_path):
     report = tmp_path / "eval.json"
     vaelab("eval", run, "--k", "100", "--examples", "40", "--json", report, "--no-progress", env=env, check=True)
     result = json.loads(report.read_text())
-    assert result["examples"] == 40 and result["log_px"]["k"] == 100
+    assert result["examples"] == 40 and result["log_px"]["k"] == 100 and result["seconds"] > 0
     assert set(result["elbo"]) == {"joint", "entropy", "kl"}
     iwae = [result["iwae"][k]["mean"] for k in ("1", "10", "100", "1000")]
     assert iwae[0] < iwae[-1]  # the bound tightens with k

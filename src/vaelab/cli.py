@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -345,6 +346,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vaelab.report import as_json
 
     _check_at_least_one(args, "k", "examples", "diagnostics_examples", "batch_size", "classify_k")
+    start = time.perf_counter()
     run = _load(args.run_dir, args.checkpoint)
     x, context, labels = _eval_data(run, args.split, args.examples, args.seed)
     torch_seed(args.seed)
@@ -359,6 +361,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result.update(_baselines(run, x))
     result.update(_classification(run, x, labels, args.split, progress=progress, k=args.classify_k))
     result.update(run_dir=str(args.run_dir), split=args.split, weights=str(run.weights), seed=args.seed)
+    result["seconds"] = time.perf_counter() - start  # wall time from loading the run to its last number
     if context is not None:
         result["given"] = sorted(context)
     print(f"{args.run_dir} on {run.config.dataset} {args.split}{_given(context)}:")
