@@ -274,7 +274,7 @@ def latent_scatter_figure(model, x: torch.Tensor, labels: torch.Tensor | None = 
         ylabel = f"principal component 2 ({100 * explained[1]:.0f}% of variance)"
         how = f"PCA of the {means.shape[1]}-D means"
     else:
-        y = labels[: len(means)].double() if labels is not None else torch.zeros(len(means), dtype=torch.float64)
+        y = labels[: len(means)].double().cpu() if labels is not None else torch.zeros(len(means), dtype=torch.float64)
         points, xlabel, ylabel, how = torch.stack([means[:, 0], y], 1), "z1", "label", "the 1-D latent"
     colour = None if labels is None else labels[: len(points)].cpu().numpy()
     dot = 4 if len(points) > 1000 else 12  # area in points^2: small dots only where there are many
