@@ -102,7 +102,7 @@ ROWS: dict[str, Row] = {
     "burda-1l-vae-k1": _burda(1, "elbo", 1, -86.76, 2500),  # -86.30 +- 0.23 in 86 min on 2 cores
     "burda-1l-vae-k5": _burda(1, "elbo", 5, -86.47, 600),  # -87.31 +- 0.23, 38 min on 2 cores (~3.7 s an epoch)
     "burda-1l-iwae-k5": _burda(1, "iwae", 5, -85.54, 2000),  # -85.27 +- 0.22, ~90 min on 2 quiet cores
-    "burda-1l-vae-k50": _burda(1, "elbo", 50, -86.35, 100),  # -89.92 +- 0.25, 37 min on 2 cores
+    "burda-1l-vae-k50": _burda(1, "elbo", 50, -86.35, 100),  # -89.92 +- 0.25, 37 min on 2 cores (~20 s an epoch)
     "burda-1l-iwae-k50": _burda(1, "iwae", 50, -84.78, 100),  # -87.73 +- 0.23, 52 min on 2 cores (~22 s an epoch)
     "burda-2l-vae-k1": _burda(2, "elbo", 1, -85.33, 600),  # -86.17 +- 0.23, 37 min on 2 cores (~3.3 s an epoch)
     "burda-2l-vae-k5": _burda(2, "elbo", 5, -85.01, 300),  # -86.40 +- 0.24, 28 min on 2 cores (~5.7 s an epoch)
