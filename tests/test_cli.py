@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vaelab.tolerance import Z_TOLERANCE
+from vaelab.tolerance import Z_TOLERANCE, assert_within_stderr
 
 BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = BESIDE if BESIDE.is_dir() else Path("/work/shared/data")
@@ -385,6 +385,13 @@ def test_compare_shows_latent_usage_against_beta(tmp_path):
         assert r["kl_total"] == pytest.approx(sum(r["kl_per_dim"]))
         assert math.isfinite(r["log_px"]["mean"]) and r["log_px"]["mean"] >= r["elbo"]["mean"] - 1.0
     assert "active" in proc.stdout and picture.is_file()
+    # both scored on the same 40 images: each run's log p(x) minus the first given (beta 4), paired per image, whose
+    # mean is the difference of the two means
+    first = next(r for r in rows if r["run"] == str(runs[0]))
+    assert first["log_px_minus_first"] == {"mean": 0.0, "sem": 0.0}
+    for r in rows:
+        difference = r["log_px"]["mean"] - first["log_px"]["mean"]
+        assert_within_stderr(r["log_px_minus_first"]["mean"], difference, 0.0, what="paired mean difference")
 
 
 def binary_784(n: int, seed: int = 0):

@@ -15,7 +15,7 @@ import torch
 from vaelab import LinearGaussian
 from vaelab.diagnostics import NotApplicable
 from vaelab.estimators import ELBO_FORMS
-from vaelab.evaluate import evaluate_model, format_evaluation, latent_usage
+from vaelab.evaluate import compare_latent_usage, evaluate_model, format_evaluation, latent_usage
 from vaelab.report import as_json
 from vaelab.tolerance import assert_within_stderr
 
@@ -42,6 +42,30 @@ def test_evaluate_model_on_the_exact_posterior():
     assert set(r["posterior_gap"]) == {"mean", "sem"}
     assert r["kl_per_dim"] is None  # q is a full-covariance Gaussian: no KL per dimension
     assert r["latent_dim"] == 2 and 0 <= r["active_units"] <= 2
+
+
+def test_compare_pairs_log_px_with_the_first_run_on_the_same_examples():
+    # exact posteriors make every log p-hat exact (up to rounding), so the paired difference of two linear-Gaussian
+    # models on the same x is the closed-form per-example difference: its mean and its sem over examples; a run scored
+    # on other examples is not paired
+    from types import SimpleNamespace
+
+    from vaelab.train import TrainConfig
+
+    g = torch.Generator().manual_seed(3)
+    a, b = LinearGaussian.random(6, 2, generator=g), LinearGaussian.random(6, 2, generator=g)
+    x, other = a.sample(40, generator=g), b.sample(40, generator=g)
+
+    def run(model):
+        return SimpleNamespace(model=model, config=TrainConfig())
+
+    rows = compare_latent_usage([("a", run(a), x), ("b", run(b), x), ("b on other", run(b), other)], k=10)
+    paired = {r["run"]: r["log_px_minus_first"] for r in rows}
+    with torch.no_grad():
+        exact = (b.log_marginal_exact(x) - a.log_marginal_exact(x)).double()
+    assert_within_stderr(paired["b"]["mean"], exact.mean(), 0.0, what="paired mean difference")
+    assert_within_stderr(paired["b"]["sem"], exact.std() / math.sqrt(len(x)), 0.0, what="paired sem")
+    assert paired["a"] == {"mean": 0.0, "sem": 0.0} and paired["b on other"] is None
 
 
 def test_latent_usage_counts_active_units():

@@ -731,14 +731,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     by_name = {name: (run, x) for name, run, x, _ in runs}
     for r in rows:
         r.update(_baselines(*by_name[r["run"]]))
-    print(f"{'run':<30} {'beta':>6} {'active':>7} {'KL total':>9} {'ELBO':>9} {'log p(x)':>9}   (nats per example)")
+    print(
+        f"{'run':<30} {'beta':>6} {'active':>7} {'KL total':>9} {'ELBO':>9} {'log p(x)':>9} {'sem':>5} "
+        f"{'vs first run':>15}   (nats per example)"
+    )
     for r in rows:
         beta = "-" if r["beta"] is None else f"{r['beta']:.3g}"
         kl = "-" if r["kl_total"] is None else f"{r['kl_total']:.2f}"
+        paired = r["log_px_minus_first"]
+        paired = "-" if paired is None else f"{paired['mean']:+.3f} ± {paired['sem']:.3f}"
         print(
             f"{r['run'][-30:]:<30} {beta:>6} {r['active_units']:>3}/{r['latent_dim']:<3} {kl:>9} "
-            f"{r['elbo']['mean']:>9.2f} {r['log_px']['mean']:>9.2f}"
+            f"{r['elbo']['mean']:>9.2f} {r['log_px']['mean']:>9.2f} {r['log_px']['sem']:>5.2f} {paired:>15}"
         )
+    print(
+        f"vs first run: log p(x) minus that of {args.run_dirs[0]}, paired over the same test images (mean ± sem of "
+        "the differences; '-': scored on other images)"
+    )
     if args.json:
         from vaelab.report import as_json
 
@@ -755,9 +764,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
-        help="compare runs (e.g. a beta sweep): active units, KL per dimension, ELBO, log p(x)",
+        help="compare runs (e.g. a beta sweep): active units, KL per dimension, ELBO, log p(x), paired differences",
         description="Evaluate several runs on their test split and show how latent usage changes with the final KL "
-        "weight beta of each run: active units, total KL(q || p(z)), ELBO and log p(x).",
+        "weight beta of each run: active units, total KL(q || p(z)), ELBO and log p(x), and each run's log p(x) "
+        "minus the first run's, paired over the same test images (same data, binarization and --seed): its "
+        "standard error leaves out the spread between images, so it tells apart runs whose unpaired standard "
+        "errors overlap.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by vaelab train")
     _add_estimation_flags(p, k=1000, examples=1000, json_help="write the rows as JSON (default: none)")

@@ -361,13 +361,22 @@ def compare_latent_usage(
     context)`` for a model given context), sorted by final beta.
 
     Each row: ``beta`` (final), ``schedule``, ``active_units``, ``latent_dim``, ``kl_total`` (sum of KL per dimension,
-    nats), ``kl_per_dim``, ``elbo`` and ``log_px`` (k importance samples; mean and sem over ``x``). ``compile`` as
-    in :func:`evaluate_model`.
+    nats), ``kl_per_dim``, ``elbo`` and ``log_px`` (k importance samples; mean and sem over ``x``), and
+    ``log_px_minus_first``: log p(x) minus that of the first run as given, paired over the examples (mean and sem of
+    the per-example differences), when both were scored on the same examples and context; else None. Pairing removes
+    the spread between examples, which dominates each run's own sem: two runs whose means differ by less than their
+    sems may still differ by many paired sems. ``compile`` as in :func:`evaluate_model`.
     """
     rows = []
+    first = None  # (x, context, per-example log p(x)) of the first run
     for name, run, x, *context in runs:
         given = context[0] if context else None
-        result = evaluate_model(run.model, x, k=k, iwae_ks=(), elbo_k=1, progress=False, compile=compile, context=given)
+        result, estimate = _evaluate_model(
+            run.model, x, k=k, iwae_ks=(), elbo_k=1, batch_size=100, progress=False, compile=compile, context=given
+        )
+        log_px = estimate.value.double()
+        first = first or (x, given, log_px)
+        paired = _same_examples((x, given), first[:2])
         kl = result["kl_per_dim"]
         rows.append(
             {
@@ -380,6 +389,19 @@ def compare_latent_usage(
                 "kl_per_dim": kl,
                 "elbo": result["elbo"]["kl"],
                 "log_px": {key: result["log_px"][key] for key in ("mean", "sem", "k")},
+                "log_px_minus_first": summarize(log_px - first[2]) if paired else None,
             }
         )
     return sorted(rows, key=lambda r: (r["beta"] is None, r["beta"] if r["beta"] is not None else 0.0))
+
+
+def _same_examples(a: tuple[torch.Tensor, Mapping | None], b: tuple[torch.Tensor, Mapping | None]) -> bool:
+    """Are two ``(x, context)`` the same examples, so that estimates on them pair row by row?"""
+
+    def same(s: torch.Tensor, t: torch.Tensor) -> bool:
+        return s.shape == t.shape and torch.equal(s.cpu(), t.cpu())
+
+    (x, context), (y, other) = a, b
+    if not same(x, y) or (context is None) != (other is None):
+        return False
+    return context is None or (context.keys() == other.keys() and all(same(context[k], other[k]) for k in context))
