@@ -145,7 +145,7 @@ ROWS: dict[str, Row] = {
     ),
     "miwae-m8-k8": _rainforth("miwae", {"m": 8}, 8, -84.97, "85.09", "miwae", ""),  # -87.73 +- 0.23, 45 min
     "piwae-m8-k8": _rainforth("piwae", {"m": 8}, 8, -84.46, "84.58", "piwae", ""),  # -87.37 +- 0.23, 49 min
-    "ciwae-b0.05": _rainforth(
+    "ciwae-b0.05": _rainforth(  # -87.77 +- 0.23, 47 min
         "ciwae",
         {"elbo_weight": 0.05},
         64,
